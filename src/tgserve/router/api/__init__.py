@@ -1,0 +1,1 @@
+"""HTTP handlers: translate HTTP requests to internal requests and back."""

@@ -1,0 +1,127 @@
+"""Internal request and event types that flow from validation through the scheduler to the stream."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class FinishReason(str, Enum):
+    LENGTH = "length"
+    EOS_TOKEN = "eos_token"
+    STOP_SEQUENCE = "stop_sequence"
+
+
+@dataclass(frozen=True)
+class SamplingParameters:
+    """Mirrors NextTokenChooserParameters of the gRPC contract."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    do_sample: bool = False
+    seed: int = 0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    watermark: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StoppingParameters:
+    max_new_tokens: int
+    stop_sequences: tuple[str, ...] = ()
+    ignore_eos_token: bool = False
+
+
+@dataclass(frozen=True)
+class ValidRequest:
+    """A request that passed validation: tokenized, with every limit checked."""
+
+    inputs: str
+    input_ids: tuple[int, ...]
+    parameters: SamplingParameters
+    stopping: StoppingParameters
+    top_n_tokens: int = 0
+    decoder_input_details: bool = False
+    truncate: int | None = None
+    add_special_tokens: bool = True
+
+    @property
+    def input_length(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    text: str
+    logprob: float | None
+    special: bool = False
+
+
+@dataclass(frozen=True)
+class GeneratedText:
+    text: str
+    generated_tokens: int
+    finish_reason: FinishReason
+    seed: int | None
+
+
+@dataclass(frozen=True)
+class PrefillEvent:
+    """Prompt tokens with their log-probabilities (only when decoder_input_details was asked)."""
+
+    tokens: list[Token]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token: Token
+    top_tokens: list[Token]
+
+
+@dataclass(frozen=True)
+class EndEvent:
+    token: Token
+    top_tokens: list[Token]
+    generated_text: GeneratedText
+    queued_at: float  # time.monotonic() when the request entered the queue
+    started_at: float  # time.monotonic() when it joined a batch
+
+
+InferEvent = PrefillEvent | TokenEvent | EndEvent
+
+
+class InferError(Exception):
+    """Base of the errors the inference path raises; the API maps each to a status code."""
+
+
+class OverloadedError(InferError):
+    pass
+
+
+class GenerationError(InferError):
+    """A shard failed while running this request's batch."""
+
+
+class IncompleteGenerationError(InferError):
+    pass
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What the router learns from the shards at start (Info + Warmup)."""
+
+    model_type: str
+    dtype: str
+    device_type: str
+    block_size: int
+    max_position_embeddings: int
+    eos_token_ids: tuple[int, ...]
+    vocab_size: int
+    support_chunking: bool = False
+    window_size: int | None = None
+    speculate: int = 0

@@ -1,0 +1,1 @@
+"""Shard: holds weights and KV cache, runs prefill/decode, samples and detokenizes."""

@@ -1,0 +1,1 @@
+"""Weight loading: the only place that shards or dequantizes tensors."""

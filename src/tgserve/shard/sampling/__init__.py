@@ -1,0 +1,1 @@
+"""Per-request sampling and stopping as pure tensor functions."""
