@@ -1,0 +1,46 @@
+"""`tgserve` (alias `text-generation-launcher`): the launcher, plus internal subcommands."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else None
+    if command == "shard":
+        from tgserve.shard.server import main as shard_main
+
+        return shard_main(argv[1:])
+    if command == "router":
+        from tgserve.router.main import main as router_main
+
+        return router_main(argv[1:])
+    if command == "benchmark":
+        import argparse
+
+        from tgserve.benchmark import cli as bench
+
+        parser = argparse.ArgumentParser(prog="tgserve benchmark")
+        bench.add_arguments(parser)
+        return bench.run(parser.parse_args(argv[1:]))
+    return launch(argv)
+
+
+def launch(argv: list[str]) -> int:
+    from tgserve.launcher.args import parse
+    from tgserve.launcher.supervisor import Supervisor
+    from tgserve.logs import setup_logging
+
+    args = parse(argv)
+    setup_logging(json_output=args.json_output, component="launcher")
+    if args.env:
+        from tgserve.launcher.runtime_env import print_env
+
+        print_env()
+        return 0
+    return Supervisor(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

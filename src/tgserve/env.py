@@ -1,0 +1,28 @@
+"""The only module that reads environment variables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def flag_default(flag: str) -> str | None:
+    """TGI reads every launcher flag from an env var named after it (--max-input-tokens: MAX_INPUT_TOKENS)."""
+    return os.environ.get(flag.lstrip("-").replace("-", "_").upper())
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("TGSERVE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tgserve"
+    )
+    return Path(base)
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def child_environment(extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(extra)
+    return env

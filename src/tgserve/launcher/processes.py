@@ -1,0 +1,76 @@
+"""Child processes of the launcher: spawned with a death signal, their output relayed and remembered."""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # If the launcher is killed outright, the kernel kills its children: no orphans, ever.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen
+    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=40))
+
+    @classmethod
+    def spawn(cls, name: str, argv: list[str], env: dict[str, str]) -> Child:
+        process = subprocess.Popen(
+            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            text=True, errors="replace", bufsize=1,
+        )
+        child = cls(name, process)
+        threading.Thread(target=child._relay, name=f"relay-{name}", daemon=True).start()
+        return child
+
+    def _relay(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.tail.append(line.rstrip("\n"))
+            sys.stderr.write(line)
+        sys.stderr.flush()
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.process.poll()
+
+    def last_lines(self, n: int = 20) -> str:
+        return "\n".join(list(self.tail)[-n:])
+
+    def terminate(self, timeout: float) -> None:
+        """SIGTERM, then SIGKILL once `timeout` seconds have passed."""
+        if self.exit_code is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while self.exit_code is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.exit_code is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def python_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tgserve.cli", *args]
+
+
+def remove_stale(path: str) -> None:
+    if os.path.exists(path):
+        os.remove(path)

@@ -1,0 +1,263 @@
+"""The shard's engine: owns the model, the KV cache and the live batches; runs prefill and decode steps."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tgserve.shard.batch import Batch, RequestState
+from tgserve.shard.detokenize import IncrementalDetokenizer
+from tgserve.shard.generation import GeneratedText, Generation, StepTimings, Tokens
+from tgserve.shard.kv_cache import KVCache
+from tgserve.shard.models.base import CausalLM
+from tgserve.shard.runner import ForwardInputs, prepare_decode, prepare_prefill
+from tgserve.shard.sampling.chooser import NextTokenChooser
+from tgserve.shard.sampling.logprobs import batch_top_tokens, prompt_logprobs
+from tgserve.shard.sampling.params import SamplingParams, StoppingParams
+from tgserve.shard.sampling.stopping import StoppingCriteria
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    """A request as the router sends it (decoded from the gRPC message by the service)."""
+
+    id: int
+    input_ids: list[int]
+    slots: list[int]
+    params: SamplingParams
+    stopping: StoppingParams
+    top_n_tokens: int = 0
+    prefill_logprobs: bool = False
+    cache_len: int = 0
+
+
+class ShardError(RuntimeError):
+    """A request the shard cannot run; reported to the router, the shard keeps serving."""
+
+
+class Generator:
+    def __init__(
+        self,
+        model: CausalLM,
+        tokenizer,  # type: ignore[no-untyped-def]
+        eos_token_ids: frozenset[int],
+        block_size: int = 16,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.block_size = block_size
+        self.device = model.device
+        self.kv_cache: KVCache | None = None
+        self.batches: dict[int, Batch] = {}
+        self.special_ids = frozenset(tokenizer.all_special_ids)
+
+    # -- KV cache ---------------------------------------------------------------------------
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        d = self.model.dims
+        self.kv_cache = None  # free the old cache before allocating the new one
+        self.kv_cache = KVCache.allocate(
+            d.num_layers, num_blocks, self.block_size, d.num_kv_heads, d.head_dim,
+            self.model.dtype, self.device,
+        )
+
+    def kv_bytes_per_token(self) -> int:
+        d = self.model.dims
+        return KVCache.bytes_per_token(d.num_layers, d.num_kv_heads, d.head_dim, self.model.dtype)
+
+    # -- batch cache ------------------------------------------------------------------------
+
+    def clear(self, batch_id: int | None = None) -> None:
+        if batch_id is None:
+            self.batches.clear()
+        else:
+            self.batches.pop(batch_id, None)
+
+    def filter(self, batch_id: int, request_ids: list[int]) -> Batch:
+        batch = self._pop(batch_id).filter(request_ids)
+        self.batches[batch.id] = batch
+        return batch
+
+    def _pop(self, batch_id: int) -> Batch:
+        if batch_id not in self.batches:
+            raise ShardError(f"Batch ID {batch_id} not found in cache.")
+        return self.batches.pop(batch_id)
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def prefill(
+        self, batch_id: int, new: list[NewRequest]
+    ) -> tuple[list[Generation], Batch | None, StepTimings]:
+        start = time.perf_counter_ns()
+        requests = [self._request_state(r) for r in new]
+        chooser = NextTokenChooser.from_params(
+            [r.params for r in requests], [r.all_ids for r in requests],
+            self.model.dims.vocab_size, self.device,
+        )
+        batch = Batch(batch_id, requests, chooser, Batch.build_slot_table(requests, self.device))
+        inputs = prepare_prefill(requests, [r.cache_len for r in new], self.device)
+        logits, forward_ns = self._forward(inputs)
+        assert inputs.sample_rows is not None and inputs.prompt_logit_spans is not None
+        prompt_tokens = self._prompt_tokens(requests, inputs, logits)
+        return self._step(batch, logits.index_select(0, inputs.sample_rows), prompt_tokens,
+                          start, forward_ns)
+
+    def decode(self, batch_ids: list[int]) -> tuple[list[Generation], Batch | None, StepTimings]:
+        start = time.perf_counter_ns()
+        batch = Batch.concatenate([self._pop(i) for i in batch_ids])
+        concat_ns = time.perf_counter_ns() - start if len(batch_ids) > 1 else None
+        logits, forward_ns = self._forward(prepare_decode(batch, self.device))
+        generations, next_batch, timings = self._step(batch, logits, None, start, forward_ns)
+        timings.concat_ns = concat_ns
+        return generations, next_batch, timings
+
+    def _forward(self, inputs: ForwardInputs) -> tuple[torch.Tensor, int]:
+        if self.kv_cache is None:
+            raise ShardError("the KV cache is not allocated: the router must call Warmup first")
+        start = time.perf_counter_ns()
+        with torch.inference_mode():
+            logits = self.model.forward(
+                inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta, inputs.logit_rows
+            )
+        return logits, time.perf_counter_ns() - start
+
+    def _request_state(self, r: NewRequest) -> RequestState:
+        if not r.input_ids:
+            raise ShardError(f"request {r.id} has no input tokens")
+        needed = len(r.input_ids) + r.stopping.max_new_tokens - 1
+        if len(r.slots) < needed:
+            raise ShardError(
+                f"request {r.id} has {len(r.slots)} KV slots but needs {needed} "
+                f"({len(r.input_ids)} prompt + {r.stopping.max_new_tokens} new - 1)"
+            )
+        assert self.kv_cache is not None
+        if r.slots and max(r.slots) >= self.kv_cache.num_slots:
+            raise ShardError(f"request {r.id} names slot {max(r.slots)} beyond the KV cache")
+        return RequestState(
+            id=r.id,
+            all_ids=list(r.input_ids),
+            prompt_len=len(r.input_ids),
+            slots=list(r.slots),
+            params=r.params,
+            stopping=StoppingCriteria(self.eos_token_ids, r.stopping),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, r.input_ids),
+            top_n_tokens=r.top_n_tokens,
+            prefill_logprobs=r.prefill_logprobs,
+        )
+
+    def _prompt_tokens(
+        self, requests: list[RequestState], inputs: ForwardInputs, logits: torch.Tensor
+    ) -> list[Tokens | None]:
+        out: list[Tokens | None] = []
+        assert inputs.prompt_logit_spans is not None
+        for r, span in zip(requests, inputs.prompt_logit_spans):
+            if span is None:
+                out.append(None)
+                continue
+            ids = r.all_ids[: r.prompt_len]
+            target = torch.tensor(ids[1:], dtype=torch.long, device=logits.device)
+            lp = prompt_logprobs(logits[span[0] : span[1] - 1], target).tolist() if len(ids) > 1 else []
+            texts = [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+            out.append(Tokens(ids, [math.nan, *lp], texts, [i in self.special_ids for i in ids]))
+        return out
+
+    def _step(
+        self,
+        batch: Batch,
+        logits: torch.Tensor,
+        prompt_tokens: list[Tokens | None] | None,
+        start_ns: int,
+        forward_ns: int,
+    ) -> tuple[list[Generation], Batch | None, StepTimings]:
+        """Choose each row's next token, detokenize, check stopping; keep the batch's live rows."""
+        decode_start = time.perf_counter_ns()
+        out = batch.chooser(logits)
+        batch.chooser.advance(out.next_ids)
+        next_ids = out.next_ids.tolist()
+        logprobs = out.logprobs.tolist()
+        tops = (
+            batch_top_tokens([r.top_n_tokens for r in batch.requests], out.all_logprobs)
+            if any(r.top_n_tokens for r in batch.requests)
+            else None
+        )
+        generations: list[Generation] = []
+        live: list[int] = []
+        for i, r in enumerate(batch.requests):
+            generation = self._advance(r, next_ids[i], logprobs[i])
+            if prompt_tokens is not None:
+                generation.prefill_tokens = prompt_tokens[i]
+            if tops is not None and r.top_n_tokens:
+                generation.top_tokens = [self._top_tokens(*tops[i])]
+            generations.append(generation)
+            if generation.generated_text is None:
+                live.append(r.id)
+        next_batch: Batch | None = None
+        if live:
+            next_batch = batch.filter(live)
+            self.batches[next_batch.id] = next_batch
+        now = time.perf_counter_ns()
+        return generations, next_batch, StepTimings(forward_ns, now - decode_start, now - start_ns)
+
+    def _advance(self, r: RequestState, token: int, logprob: float) -> Generation:
+        r.all_ids.append(token)
+        text = r.detokenizer.step(token)
+        reason = r.stopping(token, text)
+        special = token in self.special_ids
+        generation = Generation(r.id, Tokens([token], [logprob], [text], [special]))
+        if reason is not None:
+            final = self.tokenizer.decode(r.generated_ids, skip_special_tokens=True)
+            seed = r.params.seed if r.params.sampling else None
+            generation.generated_text = GeneratedText(final, len(r.generated_ids), reason, seed)
+        return generation
+
+    def _top_tokens(self, ids: list[int], logprobs: list[float]) -> Tokens:
+        texts = [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+        return Tokens(ids, logprobs, texts, [i in self.special_ids for i in ids])
+
+
+@dataclass(frozen=True)
+class WarmupResult:
+    max_supported_total_tokens: int
+    max_input_tokens: int
+    max_total_tokens: int
+
+
+def warmup(
+    generator: Generator,
+    requests: list[NewRequest],
+    kv_budget_bytes: int,
+    max_position_embeddings: int,
+    max_input_tokens: int | None,
+    max_total_tokens: int | None,
+) -> WarmupResult:
+    """Size the KV cache to the budget, prove the largest batch runs, and report what fits."""
+    per_block = generator.kv_bytes_per_token() * generator.block_size
+    num_blocks = kv_budget_bytes // per_block
+    needed_slots = max((max(r.slots) + 1 for r in requests if r.slots), default=0)
+    if num_blocks * generator.block_size < needed_slots:
+        raise ShardError(
+            f"Not enough memory to handle {sum(len(r.input_ids) for r in requests)} prefill "
+            f"tokens: the KV cache budget of {kv_budget_bytes} bytes holds "
+            f"{num_blocks * generator.block_size} tokens. You need to decrease "
+            "--max-batch-prefill-tokens or raise --kv-cache-memory"
+        )
+    generator.allocate_kv_cache(num_blocks)
+    start = time.perf_counter()
+    if requests:
+        _, batch, _ = generator.prefill(2**63 - 1, requests)
+        if batch is not None:
+            generator.decode([batch.id])
+    generator.clear()
+    capacity = num_blocks * generator.block_size
+    total = max_total_tokens or min(capacity, max_position_embeddings)
+    inputs = max_input_tokens or total - 1
+    log.info("warmup: %d KV tokens in %d blocks, in %.2fs", capacity, num_blocks,
+             time.perf_counter() - start)
+    return WarmupResult(capacity, inputs, total)

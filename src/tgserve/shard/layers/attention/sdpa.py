@@ -1,0 +1,86 @@
+"""Attention through torch's scaled_dot_product_attention: per-sequence causal prefill, gathered decode."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tgserve.shard.kv_cache import KVCache
+from tgserve.shard.layers.attention.metadata import AttentionMetadata, PrefillSequence
+
+
+def sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: KVCache,
+    layer: int,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    """q: [T, H, D], k/v: [T, Hkv, D] for the new tokens. Returns [T, H, D]."""
+    kv_cache.write(layer, meta.slots, k, v)
+    if meta.prefill is not None:
+        return _prefill(q, k, v, kv_cache, layer, meta.prefill, scale, window)
+    return _decode(q, kv_cache, layer, meta, scale, window)
+
+
+def _prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: KVCache,
+    layer: int,
+    sequences: list[PrefillSequence],
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    out = torch.empty_like(q)
+    for seq in sequences:
+        rows = slice(seq.start, seq.start + seq.length)
+        qs = q[rows].transpose(0, 1)  # [H, n, D]
+        if seq.cache_len == 0:
+            ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)  # [Hkv, n, D]
+        else:
+            assert seq.kv_slots is not None
+            ks = kv_cache.keys[layer][seq.kv_slots].transpose(0, 1)  # [Hkv, cache+n, D]
+            vs = kv_cache.values[layer][seq.kv_slots].transpose(0, 1)
+        if seq.cache_len == 0 and window is None:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            mask = _causal_mask(seq.length, seq.cache_len, window, q.device)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[rows] = o.transpose(0, 1)
+    return out
+
+
+def _causal_mask(n: int, cache_len: int, window: int | None, device: torch.device) -> torch.Tensor:
+    q_pos = torch.arange(cache_len, cache_len + n, device=device)[:, None]
+    kv_pos = torch.arange(cache_len + n, device=device)[None, :]
+    mask = kv_pos <= q_pos
+    if window is not None:
+        mask &= kv_pos > q_pos - window
+    return mask
+
+
+def _decode(
+    q: torch.Tensor,
+    kv_cache: KVCache,
+    layer: int,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    assert meta.kv_index is not None
+    keys = kv_cache.keys[layer][meta.kv_index].transpose(1, 2)  # [B, Hkv, L, D]
+    values = kv_cache.values[layer][meta.kv_index].transpose(1, 2)
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(2),  # [B, H, 1, D]
+        keys,
+        values,
+        attn_mask=meta.decode_mask(window),
+        scale=scale,
+        enable_gqa=True,
+    )
+    return o.squeeze(2)  # [B, H, D]

@@ -1,0 +1,157 @@
+"""gRPC servicer: decodes protobuf into engine calls and encodes the results; nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from tgserve.pb import generate_pb2 as pb
+from tgserve.pb import generate_pb2_grpc as pb_grpc
+from tgserve.shard.batch import Batch
+from tgserve.shard.generation import Generation, StepTimings, Tokens
+from tgserve.shard.generator import Generator, NewRequest, ShardError, warmup
+from tgserve.shard.sampling.params import SamplingParams, StoppingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    model_type: str
+    dtype: str
+    max_position_embeddings: int
+    kv_budget_bytes: int
+    urls: tuple[str, ...]
+    rank: int = 0
+    world_size: int = 1
+
+
+def new_request(p: pb.Request, tokenizer) -> NewRequest:  # type: ignore[no-untyped-def]
+    ids = list(p.input_ids)
+    if not ids:
+        ids = tokenizer(p.inputs, add_special_tokens=p.add_special_tokens)["input_ids"]
+        if p.truncate:
+            ids = ids[-p.truncate :]
+    return NewRequest(
+        id=p.id,
+        input_ids=ids,
+        slots=list(p.slots),
+        params=SamplingParams.from_pb(p.parameters),
+        stopping=StoppingParams.from_pb(p.stopping_parameters),
+        top_n_tokens=p.top_n_tokens,
+        prefill_logprobs=p.prefill_logprobs,
+        cache_len=p.cache_len,
+    )
+
+
+def _tokens_pb(t: Tokens) -> pb.Tokens:
+    return pb.Tokens(ids=t.ids, logprobs=t.logprobs, texts=t.texts, is_special=t.is_special)
+
+
+def generation_pb(g: Generation) -> pb.Generation:
+    out = pb.Generation(request_id=g.request_id, tokens=_tokens_pb(g.tokens))
+    if g.prefill_tokens is not None:
+        out.prefill_tokens.CopyFrom(_tokens_pb(g.prefill_tokens))
+    if g.generated_text is not None:
+        gt = g.generated_text
+        out.generated_text.CopyFrom(
+            pb.GeneratedText(text=gt.text, generated_tokens=gt.generated_tokens,
+                             finish_reason=int(gt.finish_reason), seed=gt.seed)
+        )
+    out.top_tokens.extend(_tokens_pb(t) for t in g.top_tokens)
+    return out
+
+
+def cached_batch_pb(batch: Batch | None) -> pb.CachedBatch | None:
+    if batch is None:
+        return None
+    return pb.CachedBatch(id=batch.id, request_ids=batch.request_ids, size=len(batch),
+                          max_tokens=batch.max_tokens, current_tokens=batch.current_tokens)
+
+
+class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
+    """Steps run one at a time in a worker thread so the event loop keeps answering Health/Info."""
+
+    def __init__(self, generator: Generator, settings: ShardSettings) -> None:
+        self.generator = generator
+        self.settings = settings
+        self._lock = asyncio.Lock()
+
+    async def _run(self, context: grpc.aio.ServicerContext, fn, *args):  # type: ignore[no-untyped-def]
+        async with self._lock:
+            try:
+                return await asyncio.to_thread(fn, *args)
+            except ShardError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except Exception as e:  # the router gets the message; the shard lives on
+                log.exception("step failed")
+                await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+    async def Info(self, request, context):  # type: ignore[no-untyped-def]
+        s, g = self.settings, self.generator
+        return pb.InfoResponse(
+            requires_padding=False, dtype=s.dtype, device_type=g.device.type,
+            window_size=g.model.sliding_window, speculate=0, support_chunking=False,
+            use_prefix_caching=False, attention_impl="sdpa", block_size=g.block_size,
+            max_position_embeddings=s.max_position_embeddings, model_type=s.model_type,
+            eos_token_ids=sorted(g.eos_token_ids), vocab_size=g.model.dims.vocab_size,
+        )
+
+    async def ServiceDiscovery(self, request, context):  # type: ignore[no-untyped-def]
+        return pb.ServiceDiscoveryResponse(urls=list(self.settings.urls))
+
+    async def Health(self, request, context):  # type: ignore[no-untyped-def]
+        torch.zeros(2, 2, device=self.generator.device).sum().item()
+        return pb.HealthResponse()
+
+    async def ClearCache(self, request, context):  # type: ignore[no-untyped-def]
+        async with self._lock:
+            self.generator.clear(request.id if request.HasField("id") else None)
+        return pb.ClearCacheResponse()
+
+    async def FilterBatch(self, request, context):  # type: ignore[no-untyped-def]
+        batch = await self._run(context, self.generator.filter, request.batch_id,
+                                list(request.request_ids))
+        return pb.FilterBatchResponse(batch=cached_batch_pb(batch))
+
+    async def Warmup(self, request, context):  # type: ignore[no-untyped-def]
+        s = self.settings
+        reqs = [new_request(r, self.generator.tokenizer) for r in request.batch.requests]
+        max_input = request.max_input_tokens if request.HasField("max_input_tokens") else None
+        max_total = request.max_total_tokens if request.HasField("max_total_tokens") else None
+        result = await self._run(context, warmup, self.generator, reqs, s.kv_budget_bytes,
+                                 s.max_position_embeddings, max_input, max_total)
+        return pb.WarmupResponse(max_supported_total_tokens=result.max_supported_total_tokens,
+                                 max_input_tokens=result.max_input_tokens,
+                                 max_total_tokens=result.max_total_tokens)
+
+    async def Prefill(self, request, context):  # type: ignore[no-untyped-def]
+        if request.HasField("cached_batch"):
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "chunked prefill is not supported")
+        reqs = [new_request(r, self.generator.tokenizer) for r in request.batch.requests]
+        result = await self._run(context, self.generator.prefill, request.batch.id, reqs)
+        return _step_response(pb.PrefillResponse, *result)
+
+    async def Decode(self, request, context):  # type: ignore[no-untyped-def]
+        ids = [b.id for b in request.batches]
+        result = await self._run(context, self.generator.decode, ids)
+        return _step_response(pb.DecodeResponse, *result)
+
+
+def _step_response(cls, generations: Sequence[Generation], batch: Batch | None,  # type: ignore[no-untyped-def]
+                   timings: StepTimings):
+    response = cls(
+        generations=[generation_pb(g) for g in generations],
+        forward_ns=timings.forward_ns, decode_ns=timings.decode_ns, total_ns=timings.total_ns,
+    )
+    cached = cached_batch_pb(batch)
+    if cached is not None:
+        response.batch.CopyFrom(cached)
+    if timings.concat_ns is not None:
+        response.concat_ns = timings.concat_ns
+    return response

@@ -1,0 +1,107 @@
+"""Drives the shard engine directly (no gRPC) the way the router does: blocks, joins, leaves."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from tgserve.shard.generation import Generation
+from tgserve.shard.generator import Generator, NewRequest
+from tgserve.shard.loading.loaders import load_model
+from tgserve.shard.sampling.params import SamplingParams, StoppingParams
+
+
+@dataclass
+class Output:
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    prefill: list[float] | None = None
+    finish: Generation | None = None
+
+
+class Harness:
+    def __init__(
+        self,
+        model_dir: Path,
+        num_blocks: int = 128,
+        block_size: int = 16,
+        gguf_file: Path | None = None,
+        eos: frozenset[int] = frozenset(),
+    ) -> None:
+        model = load_model(model_dir, torch.device("cpu"), "float32", gguf_file=gguf_file)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.generator = Generator(model, self.tokenizer, eos, block_size)
+        self.generator.allocate_kv_cache(num_blocks)
+        self.block_size = block_size
+        self._free_blocks = list(range(1, num_blocks))  # block 0 is the router's health block
+        self._ids = itertools.count(1)
+        self.batch_ids: list[int] = []
+        self.outputs: dict[int, Output] = {}
+
+    def request(
+        self,
+        rid: int,
+        input_ids: list[int],
+        max_new_tokens: int,
+        params: SamplingParams | None = None,
+        ignore_eos: bool = True,
+        top_n_tokens: int = 0,
+        prefill_logprobs: bool = False,
+        stop: tuple[str, ...] = (),
+    ) -> NewRequest:
+        tokens = len(input_ids) + max_new_tokens - 1
+        n_blocks = -(-tokens // self.block_size)
+        blocks, self._free_blocks = self._free_blocks[:n_blocks], self._free_blocks[n_blocks:]
+        slots = [b * self.block_size + i for b in blocks for i in range(self.block_size)][:tokens]
+        return NewRequest(
+            id=rid, input_ids=list(input_ids), slots=slots, params=params or SamplingParams(),
+            stopping=StoppingParams(max_new_tokens, stop, ignore_eos),
+            top_n_tokens=top_n_tokens, prefill_logprobs=prefill_logprobs,
+        )
+
+    def _record(self, generations: list[Generation]) -> None:
+        for g in generations:
+            out = self.outputs.setdefault(g.request_id, Output())
+            if g.prefill_tokens is not None:
+                out.prefill = g.prefill_tokens.logprobs
+            out.ids.extend(g.tokens.ids)
+            out.logprobs.extend(g.tokens.logprobs)
+            out.texts.extend(g.tokens.texts)
+            if g.generated_text is not None:
+                out.finish = g
+
+    def add(self, requests: list[NewRequest]) -> None:
+        generations, batch, _ = self.generator.prefill(next(self._ids), requests)
+        self._record(generations)
+        if batch is not None:
+            self.batch_ids.append(batch.id)
+
+    def step(self) -> None:
+        if not self.batch_ids:
+            return
+        generations, batch, _ = self.generator.decode(self.batch_ids)
+        self._record(generations)
+        self.batch_ids = [batch.id] if batch is not None else []
+
+    def cancel(self, rid: int) -> None:
+        """What the router does when a client leaves: filter the request out of the batch."""
+        (bid,) = self.batch_ids
+        keep = [i for i in self.generator.batches[bid].request_ids if i != rid]
+        if keep:
+            self.generator.filter(bid, keep)
+        else:
+            self.generator.clear(bid)
+            self.batch_ids = []
+
+    def run_to_end(self) -> None:
+        while self.batch_ids:
+            self.step()
+
+    @property
+    def running(self) -> list[int]:
+        return [r for b in self.batch_ids for r in self.generator.batches[b].request_ids]

@@ -1,0 +1,106 @@
+"""Every architecture against transformers: prefill logits, greedy tokens alone and in a moving batch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.golden.harness import Harness
+from tests.golden.tiny_models import ARCHS, build
+
+NEW_TOKENS = 64
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch(request, tmp_path_factory):  # type: ignore[no-untyped-def]
+    folder = tmp_path_factory.mktemp(request.param)
+    reference = build(request.param, folder)
+    return request.param, folder, reference
+
+
+def prompt(seed: int, length: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 500, (length,), generator=g).tolist()
+
+
+def hf_greedy(model, ids: list[int], n: int) -> tuple[list[int], list[float]]:  # type: ignore[no-untyped-def]
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+            output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+        )
+    tokens = out.sequences[0, len(ids):].tolist()
+    logprobs = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, tokens)]
+    return tokens, logprobs
+
+
+def test_prefill_logits_match(arch) -> None:  # type: ignore[no-untyped-def]
+    name, folder, reference = arch
+    h = Harness(folder)
+    ids = prompt(1, 40)
+    h.add([h.request(1, ids, 1, prefill_logprobs=True)])
+    with torch.no_grad():
+        ref = torch.log_softmax(reference(torch.tensor([ids])).logits[0].float(), -1)
+    expected = [ref[t, ids[t + 1]].item() for t in range(len(ids) - 1)]
+    got = h.outputs[1].prefill
+    assert got is not None and math.isnan(got[0])
+    assert torch.allclose(torch.tensor(got[1:]), torch.tensor(expected), atol=1e-4)
+
+
+def test_prefill_raw_logits_match(arch) -> None:  # type: ignore[no-untyped-def]
+    name, folder, reference = arch
+    h = Harness(folder)
+    ids = prompt(2, 33)
+    req = h.request(1, ids, 1)
+    from tgserve.shard.runner import prepare_prefill
+
+    state = h.generator._request_state(req)
+    inputs = prepare_prefill([state], [0], torch.device("cpu"))
+    inputs.logit_rows = None
+    logits, _ = h.generator._forward(inputs)
+    with torch.no_grad():
+        ref = reference(torch.tensor([ids])).logits[0].float()
+    assert (logits - ref).abs().max().item() < 1e-4
+
+
+def test_greedy_alone_matches_transformers(arch) -> None:  # type: ignore[no-untyped-def]
+    name, folder, reference = arch
+    ids = prompt(3, 30)
+    expected, expected_lp = hf_greedy(reference, ids, NEW_TOKENS)
+    h = Harness(folder)
+    h.add([h.request(1, ids, NEW_TOKENS)])
+    h.run_to_end()
+    out = h.outputs[1]
+    assert out.ids == expected
+    assert max(abs(a - b) for a, b in zip(out.logprobs, expected_lp)) < 1e-4
+    assert out.finish is not None and out.finish.generated_text.generated_tokens == NEW_TOKENS
+
+
+def test_greedy_inside_a_moving_batch(arch) -> None:  # type: ignore[no-untyped-def]
+    """A runs; B joins at step 5, C at step 12; B leaves early (short budget), D is cancelled."""
+    name, folder, reference = arch
+    prompts = {1: prompt(10, 30), 2: prompt(11, 17), 3: prompt(12, 41), 4: prompt(13, 9)}
+    budgets = {1: NEW_TOKENS, 2: 20, 3: NEW_TOKENS, 4: NEW_TOKENS}
+    h = Harness(folder)
+    h.add([h.request(1, prompts[1], budgets[1])])
+    for step in range(1, 200):
+        if step == 5:
+            h.add([h.request(2, prompts[2], budgets[2]), h.request(4, prompts[4], budgets[4])])
+        if step == 12:
+            h.add([h.request(3, prompts[3], budgets[3])])
+        if step == 15:
+            h.cancel(4)
+        if step > 12 and not h.batch_ids:
+            break
+        h.step()
+        if step == 13:
+            assert set(h.running) == {1, 2, 3, 4}  # everyone shares one batch
+        if step == 16:
+            assert 4 not in h.running  # the cancelled request left at once
+    assert 2 not in h.running
+    for rid in (1, 2, 3):
+        expected, _ = hf_greedy(reference, prompts[rid], budgets[rid])
+        assert h.outputs[rid].ids == expected, f"request {rid} diverged ({name})"
+    assert h.outputs[4].finish is None  # cancelled before its end

@@ -1,0 +1,63 @@
+"""Tiny random models of every supported architecture, saved to disk as a Hugging Face folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+from transformers import (
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    AutoModelForCausalLM,
+)
+
+VOCAB = 512
+
+
+def word_tokenizer(vocab_size: int = VOCAB) -> PreTrainedTokenizerFast:
+    """Any id of the model decodes: one word per id."""
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")
+
+
+def _config(arch: str):  # type: ignore[no-untyped-def]
+    common = dict(vocab_size=VOCAB, eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **common)
+    llama_like = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, **common,
+    )
+    if arch == "llama":
+        return LlamaConfig(**llama_like)
+    if arch == "llama-tied":
+        return LlamaConfig(**{**llama_like, "tie_word_embeddings": True})
+    if arch == "mistral":
+        return MistralConfig(sliding_window=24, **llama_like)
+    if arch == "qwen2":
+        return Qwen2Config(**llama_like)
+    raise ValueError(arch)
+
+
+ARCHS = ["llama", "llama-tied", "mistral", "qwen2", "gpt2"]
+
+
+def build(arch: str, folder: Path, seed: int = 0):  # type: ignore[no-untyped-def]
+    """Save a random model + tokenizer to `folder`; returns the transformers model (float32, eval)."""
+    torch.manual_seed(seed)
+    config = _config(arch)
+    # A wider init spreads the logits so float32 rounding never decides a greedy tie.
+    config.initializer_range = 0.2
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return model
