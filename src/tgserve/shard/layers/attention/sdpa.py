@@ -44,8 +44,8 @@ def _prefill(
             ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)  # [Hkv, n, D]
         else:
             assert seq.kv_slots is not None
-            ks = kv_cache.keys[layer][seq.kv_slots].transpose(0, 1)  # [Hkv, cache+n, D]
-            vs = kv_cache.values[layer][seq.kv_slots].transpose(0, 1)
+            ks = kv_cache.keys[layer].index_select(0, seq.kv_slots).transpose(0, 1)  # [Hkv, c+n, D]
+            vs = kv_cache.values[layer].index_select(0, seq.kv_slots).transpose(0, 1)
         if seq.cache_len == 0 and window is None:
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
         else:
@@ -64,6 +64,13 @@ def _causal_mask(n: int, cache_len: int, window: int | None, device: torch.devic
     return mask
 
 
+def _gather(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    # index_select on the flat slot axis is several times faster than advanced indexing on CPU.
+    b, length = index.shape
+    rows = cache.index_select(0, index.reshape(-1))
+    return rows.view(b, length, *cache.shape[1:]).transpose(1, 2)
+
+
 def _decode(
     q: torch.Tensor,
     kv_cache: KVCache,
@@ -73,8 +80,8 @@ def _decode(
     window: int | None,
 ) -> torch.Tensor:
     assert meta.kv_index is not None
-    keys = kv_cache.keys[layer][meta.kv_index].transpose(1, 2)  # [B, Hkv, L, D]
-    values = kv_cache.values[layer][meta.kv_index].transpose(1, 2)
+    keys = _gather(kv_cache.keys[layer], meta.kv_index)  # [B, Hkv, L, D]
+    values = _gather(kv_cache.values[layer], meta.kv_index)
     o = F.scaled_dot_product_attention(
         q.unsqueeze(2),  # [B, H, 1, D]
         keys,
