@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -250,6 +250,9 @@ def warmup(
         )
     generator.allocate_kv_cache(num_blocks)
     start = time.perf_counter()
+    # Prompt log-probabilities would only add a [prefill tokens, vocab] logits tensor here, which
+    # proves nothing about the KV capacity and costs seconds on a CPU.
+    requests = [replace(r, prefill_logprobs=False) for r in requests]
     if requests:
         _, batch, _ = generator.prefill(2**63 - 1, requests)
         if batch is not None:

@@ -145,7 +145,11 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
     from tgserve.logs import setup_logging
+
+    hf_logging.disable_progress_bar()  # progress bars would flood the launcher's log
 
     setup_logging(json_output=args.json_output, component=f"shard-{args.rank}")
     asyncio.run(serve(args))
