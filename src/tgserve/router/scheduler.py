@@ -1,0 +1,569 @@
+"""Continuous batching: the background task that runs queued requests on the shards step by step."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from tgserve.pb import generate_pb2
+from tgserve.router.blocks import HEALTH_BLOCK, BlockAllocation, BlockAllocator
+from tgserve.router.queue import Entry, NextBatch, Queue, to_pb_request
+from tgserve.router.shard_client import ShardTimings, StepResult, generation_events
+from tgserve.router.types import (
+    EndEvent,
+    GenerationError,
+    IncompleteGenerationError,
+    InferError,
+    InferEvent,
+    SamplingParameters,
+    ShardInfo,
+    StoppingParameters,
+    ValidRequest,
+)
+
+log = logging.getLogger(__name__)
+
+U64_MAX = 2**64 - 1
+# Any id below every vocabulary size: warmup and the liveness check only need a valid token.
+DUMMY_TOKEN_ID = 0
+
+
+class StartupError(RuntimeError):
+    """The shards and the configured limits cannot work together."""
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """Batching policy (TGI's flag names); the token limits are filled in after warmup."""
+
+    max_batch_prefill_tokens: int = 4096
+    max_batch_total_tokens: int = 16000
+    waiting_served_ratio: float = 0.3
+    max_waiting_tokens: int = 20
+    max_batch_size: int | None = None
+    block_size: int = 16
+    # What the user asked for (None: the shards decide at warmup).
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
+
+
+class SchedulerObserver(Protocol):
+    """Hooks for metrics; the scheduler only reports, it never depends on the answers."""
+
+    def on_queue_size(self, size: int) -> None: ...
+    def on_next_batch_size(self, size: int) -> None: ...
+    def on_batch_size(self, size: int, max_tokens: int) -> None: ...
+    def on_concat(self, reason: str) -> None: ...
+    def on_prefill(self, duration: float, batch_size: int, timings: ShardTimings) -> None: ...
+    def on_decode(self, duration: float, batch_size: int, timings: ShardTimings) -> None: ...
+    def on_inference_failure(self, method: str) -> None: ...
+    def on_filter(self, method: str, duration: float) -> None: ...
+    def on_blocks(self, used: int, total: int) -> None: ...
+    def on_request_dropped(self) -> None: ...
+
+
+class NoopObserver:
+    def on_queue_size(self, size: int) -> None:
+        pass
+
+    def on_next_batch_size(self, size: int) -> None:
+        pass
+
+    def on_batch_size(self, size: int, max_tokens: int) -> None:
+        pass
+
+    def on_concat(self, reason: str) -> None:
+        pass
+
+    def on_prefill(self, duration: float, batch_size: int, timings: ShardTimings) -> None:
+        pass
+
+    def on_decode(self, duration: float, batch_size: int, timings: ShardTimings) -> None:
+        pass
+
+    def on_inference_failure(self, method: str) -> None:
+        pass
+
+    def on_filter(self, method: str, duration: float) -> None:
+        pass
+
+    def on_blocks(self, used: int, total: int) -> None:
+        pass
+
+    def on_request_dropped(self) -> None:
+        pass
+
+
+class ShardBackend(Protocol):
+    """The part of ShardClient the scheduler uses (tests pass a fake)."""
+
+    async def health(self) -> None: ...
+    async def clear_cache(self, batch_id: int | None = None) -> None: ...
+    async def filter_batch(
+        self, batch_id: int, request_ids: Sequence[int]
+    ) -> generate_pb2.CachedBatch: ...
+    async def prefill(
+        self, batch: generate_pb2.Batch, cached_batch: generate_pb2.CachedBatch | None = None
+    ) -> StepResult: ...
+    async def decode(self, batches: Sequence[generate_pb2.CachedBatch]) -> StepResult: ...
+
+
+Entries = dict[int, Entry]
+
+
+class Scheduler:
+    """Queue + block allocator + one batching task; `schedule` is what the HTTP layer calls."""
+
+    def __init__(
+        self,
+        client: ShardBackend,
+        settings: SchedulerSettings,
+        observer: SchedulerObserver | None = None,
+        speculate: int = 0,
+    ) -> None:
+        self._client = client
+        self.settings = settings
+        self._observer: SchedulerObserver = observer or NoopObserver()
+        num_blocks = settings.max_batch_total_tokens // settings.block_size
+        self.allocator = BlockAllocator(num_blocks, settings.block_size)
+        self.queue = Queue(self.allocator, speculate, on_drop=self._on_queue_drop)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._running: Entries = {}
+        self._joining: Entries = {}  # a new batch while its prefill is in flight
+        self._healthy = True
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="tgserve-batching")
+            self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop batching; every request still waiting or running ends with an error."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        error = GenerationError("the server is shutting down")
+        for entries in (self._running, self._joining):
+            self._fail(entries, error)
+        self._fail({e.id: e for e in self.queue.drain()}, error)
+
+    # ---- the backend interface -------------------------------------------------------------
+
+    async def schedule(self, request: ValidRequest) -> AsyncIterator[InferEvent]:
+        """Queue the request and yield its events; closing the iterator cancels the request."""
+        self._check_fits(request)
+        sink: asyncio.Queue[InferEvent | InferError] = asyncio.Queue()
+        entry = Entry(request, sink, queued_at=time.monotonic())
+        self.queue.append(entry)
+        self._observer.on_queue_size(len(self.queue))
+        self._wake.set()
+        done = False
+        try:
+            while not done:
+                item = await sink.get()
+                if isinstance(item, InferError):
+                    done = True
+                    raise item
+                done = isinstance(item, EndEvent)
+                yield item
+        finally:
+            if not done:
+                # The batching task drops it after the step in flight (or from the queue).
+                entry.cancelled = True
+                self._wake.set()
+
+    async def health(self) -> bool:
+        """Cheap Health RPC while healthy; after a failure, a real one-token prefill on block 0."""
+        if self._healthy:
+            try:
+                await self._client.health()
+                ok = True
+            except Exception:  # noqa: BLE001 - any failure means unhealthy
+                log.exception("shard health check failed")
+                ok = False
+        else:
+            ok = await self._liveness_prefill()
+        self._healthy = ok
+        return ok
+
+    def _check_fits(self, request: ValidRequest) -> None:
+        # Validation should have refused these; a request that can never fit would block the
+        # head of the queue forever, so it is refused here too.
+        tokens = request.input_length + request.stopping.max_new_tokens - 1 + self.queue.speculate
+        if not self.allocator.can_ever_fit(tokens):
+            raise GenerationError(
+                f"request needs {tokens} KV tokens but the cache holds "
+                f"{self.allocator.total_tokens}"
+            )
+        bs = self.allocator.block_size
+        prefill_budget = -(-self.settings.max_batch_prefill_tokens // bs) * bs
+        if request.input_length > prefill_budget:
+            raise GenerationError(
+                f"request has {request.input_length} prompt tokens but "
+                f"max_batch_prefill_tokens is {self.settings.max_batch_prefill_tokens}"
+            )
+
+    async def _liveness_prefill(self) -> bool:
+        request = ValidRequest(
+            inputs="liveness",
+            input_ids=(DUMMY_TOKEN_ID,),
+            parameters=SamplingParameters(),
+            stopping=StoppingParameters(max_new_tokens=1),
+            truncate=1,
+        )
+        health_slot = HEALTH_BLOCK * self.allocator.block_size
+        allocation = BlockAllocation(-1, (HEALTH_BLOCK,), (health_slot,))
+        pb_request = to_pb_request(U64_MAX, request, allocation)
+        batch = generate_pb2.Batch(id=U64_MAX, requests=[pb_request], size=1, max_tokens=2,
+                                   max_blocks=1)
+        try:
+            result = await self._client.prefill(batch)
+            if result.batch is not None:
+                await self._client.clear_cache(result.batch.id)
+        except Exception:  # noqa: BLE001 - any failure means unhealthy
+            log.exception("liveness prefill failed")
+            return False
+        return True
+
+    # ---- the batching task -----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._serve_queue()
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # noqa: BLE001 - the loop must outlive any bug in one step
+                log.exception("batching step failed")
+                error = GenerationError(f"internal scheduler error: {err}")
+                self._fail(self._running, error)
+                self._fail(self._joining, error)
+                await self._best_effort_clear(None)
+            self._observer.on_batch_size(0, 0)
+
+    async def _serve_queue(self) -> None:
+        s = self.settings
+        while (
+            nb := self._next_batch(
+                None, s.max_batch_size, s.max_batch_prefill_tokens, s.max_batch_total_tokens
+            )
+        ) is not None:
+            self._running = nb.entries
+            cached = await self._prefill(nb, self._running)
+            waiting_tokens = 1
+            while cached is not None:
+                self._observer.on_batch_size(cached.size, cached.max_tokens)
+                batches = [cached]
+                new = self._next_joining_batch(cached, waiting_tokens)
+                if new is not None:
+                    self._joining = new.entries
+                    new_cached = await self._prefill(new, new.entries)
+                    waiting_tokens = 1
+                    if new_cached is not None:
+                        self._running.update(new.entries)
+                        batches.append(new_cached)
+                    self._joining = {}
+                cached = await self._decode(batches, self._running)
+                waiting_tokens += 1
+
+    def _next_joining_batch(
+        self, cached: generate_pb2.CachedBatch, waiting_tokens: int
+    ) -> NextBatch | None:
+        """New requests may pause the running batch once enough wait or they waited too long."""
+        s = self.settings
+        size = cached.size
+        wait_exceeded = waiting_tokens >= s.max_waiting_tokens
+        min_size = None if wait_exceeded else math.floor(size * s.waiting_served_ratio)
+        max_size = None if s.max_batch_size is None else max(s.max_batch_size - size, 0)
+        token_budget = max(s.max_batch_total_tokens - cached.max_tokens, 0)
+        new = self._next_batch(min_size, max_size, s.max_batch_prefill_tokens, token_budget)
+        if new is not None:
+            self._observer.on_concat("wait_exceeded" if wait_exceeded else "backpressure")
+        return new
+
+    def _next_batch(
+        self, min_size: int | None, max_size: int | None, prefill_budget: int, token_budget: int
+    ) -> NextBatch | None:
+        nb = self.queue.next_batch(min_size, max_size, prefill_budget, token_budget)
+        self._observer.on_queue_size(len(self.queue))
+        if nb is not None:
+            self._observer.on_next_batch_size(len(nb.entries))
+            self._report_blocks()
+        return nb
+
+    async def _prefill(self, nb: NextBatch, entries: Entries) -> generate_pb2.CachedBatch | None:
+        start = time.perf_counter()
+        try:
+            result = await self._client.prefill(nb.batch)
+        except Exception as err:  # noqa: BLE001 - a failed step fails its requests, not the server
+            await self._step_failed("prefill", [nb.batch.id], entries, err)
+            return None
+        self._observer.on_prefill(time.perf_counter() - start, len(entries), result.timings)
+        return await self._after_step("prefill", result, entries)
+
+    async def _decode(
+        self, batches: list[generate_pb2.CachedBatch], entries: Entries
+    ) -> generate_pb2.CachedBatch | None:
+        start = time.perf_counter()
+        try:
+            result = await self._client.decode(batches)
+        except Exception as err:  # noqa: BLE001 - a failed step fails its requests, not the server
+            await self._step_failed("decode", [b.id for b in batches], entries, err)
+            return None
+        self._observer.on_decode(time.perf_counter() - start, len(entries), result.timings)
+        return await self._after_step("decode", result, entries)
+
+    async def _step_failed(
+        self, method: str, batch_ids: list[int], entries: Entries, err: Exception
+    ) -> None:
+        log.error("%s failed: %s", method, err)
+        self._healthy = False
+        self._observer.on_inference_failure(method)
+        for batch_id in batch_ids:
+            await self._best_effort_clear(batch_id)
+        error = err if isinstance(err, GenerationError) else GenerationError(str(err))
+        self._fail(entries, error)
+
+    async def _after_step(
+        self, method: str, result: StepResult, entries: Entries
+    ) -> generate_pb2.CachedBatch | None:
+        start = time.perf_counter()
+        self._send_generations(result.generations, entries)
+        cached = await self._filter(result.batch, entries)
+        self._observer.on_filter(method, time.perf_counter() - start)
+        self._report_blocks()
+        return cached
+
+    def _send_generations(
+        self, generations: Sequence[generate_pb2.Generation], entries: Entries
+    ) -> None:
+        for generation in generations:
+            entry = entries.get(generation.request_id)
+            if entry is None or entry.cancelled:
+                continue
+            started = entry.started_at if entry.started_at is not None else entry.queued_at
+            with_prefill = entry.request.decoder_input_details
+            for event in generation_events(generation, with_prefill, entry.queued_at, started):
+                entry.sink.put_nowait(event)
+            if generation.HasField("generated_text"):
+                self._finish(entries.pop(entry.id), None)
+        for entry_id in [i for i, e in entries.items() if e.cancelled]:
+            self._finish(entries.pop(entry_id), None)
+
+    async def _filter(
+        self, batch: generate_pb2.CachedBatch | None, entries: Entries
+    ) -> generate_pb2.CachedBatch | None:
+        """Tell the shards which requests are still wanted; None when nothing is left."""
+        if batch is None:
+            # The shards hold nothing more; a request still here would otherwise wait forever.
+            self._fail(entries, IncompleteGenerationError("the shard ended the request early"))
+            return None
+        try:
+            if not entries:
+                await self._client.clear_cache(batch.id)
+                return None
+            if set(batch.request_ids) != entries.keys():
+                return await self._client.filter_batch(batch.id, list(entries))
+        except Exception as err:  # noqa: BLE001 - the shard state is unknown: fail this batch
+            log.error("filtering batch %d failed: %s", batch.id, err)
+            self._healthy = False
+            await self._best_effort_clear(batch.id)
+            self._fail(entries, GenerationError(str(err)))
+            return None
+        return batch
+
+    def _fail(self, entries: Entries, error: InferError) -> None:
+        for entry in entries.values():
+            self._finish(entry, error)
+        entries.clear()
+
+    def _finish(self, entry: Entry, error: InferError | None) -> None:
+        """The entry leaves the batch: free its blocks and tell its consumer why, if it waits."""
+        if entry.allocation is not None:
+            self.allocator.free(entry.allocation)
+            entry.allocation = None
+        if entry.cancelled:
+            self._observer.on_request_dropped()
+        elif error is not None:
+            # A fresh instance per consumer: each raise writes its own traceback into it.
+            entry.sink.put_nowait(type(error)(*error.args))
+
+    def _on_queue_drop(self, entry: Entry) -> None:
+        self._observer.on_request_dropped()
+
+    async def _best_effort_clear(self, batch_id: int | None) -> None:
+        try:
+            await self._client.clear_cache(batch_id)
+        except Exception as err:  # noqa: BLE001 - already on an error path
+            log.error("ClearCache(%s) failed: %s", batch_id, err)
+
+    def _report_blocks(self) -> None:
+        self._observer.on_blocks(self.allocator.used_blocks, self.allocator.total_blocks)
+
+
+# ---- startup: warmup and limits -----------------------------------------------------------
+
+
+class WarmupBackend(Protocol):
+    async def service_discovery(self) -> list[str]: ...
+    async def clear_cache(self, batch_id: int | None = None) -> None: ...
+    async def info(self) -> generate_pb2.InfoResponse: ...
+    async def warmup(
+        self,
+        batch: generate_pb2.Batch,
+        max_input_tokens: int | None,
+        max_prefill_tokens: int,
+        max_total_tokens: int | None,
+    ) -> generate_pb2.WarmupResponse: ...
+
+
+def shard_info(info: generate_pb2.InfoResponse, default_block_size: int) -> ShardInfo:
+    return ShardInfo(
+        model_type=info.model_type,
+        dtype=info.dtype,
+        device_type=info.device_type,
+        block_size=info.block_size or default_block_size,
+        max_position_embeddings=info.max_position_embeddings,
+        eos_token_ids=tuple(info.eos_token_ids),
+        vocab_size=info.vocab_size,
+        support_chunking=info.support_chunking,
+        window_size=info.window_size if info.HasField("window_size") else None,
+        speculate=info.speculate,
+    )
+
+
+def warmup_pieces(settings: SchedulerSettings, info: ShardInfo) -> list[int]:
+    """Prompt lengths that add up to max_batch_prefill_tokens, none over max_input_tokens."""
+    budget = settings.max_batch_prefill_tokens
+    max_input = settings.max_input_tokens or budget
+    if info.max_position_embeddings > 1:
+        max_input = min(max_input, info.max_position_embeddings - 1)
+    pieces: list[int] = []
+    while sum(pieces) < budget and (
+        settings.max_batch_size is None or len(pieces) < settings.max_batch_size
+    ):
+        pieces.append(min(max_input, budget - sum(pieces)))
+    return pieces
+
+
+def warmup_batch(settings: SchedulerSettings, info: ShardInfo) -> generate_pb2.Batch:
+    """The largest prefill the router will send, with TGI's costliest sampling parameters."""
+    params = SamplingParameters(
+        temperature=0.9, top_k=10, top_p=0.9, typical_p=0.9, do_sample=False, seed=0,
+        repetition_penalty=1.2, frequency_penalty=0.1, watermark=True,
+    )
+    top_n = min(20, info.vocab_size) if info.vocab_size else 20
+    pieces = warmup_pieces(settings, info)
+    requests = []
+    for request_id, n in enumerate(pieces):
+        # Without a known max_total_tokens, two new tokens still exercise prefill and decode.
+        max_new = max(settings.max_total_tokens - n, 1) if settings.max_total_tokens else 2
+        request = ValidRequest(
+            inputs="_test " * n,
+            input_ids=(DUMMY_TOKEN_ID,) * n,
+            parameters=params,
+            stopping=StoppingParameters(max_new_tokens=max_new, ignore_eos_token=True),
+            top_n_tokens=top_n,
+            decoder_input_details=True,
+            truncate=n,
+        )
+        requests.append((request_id, request, n + max_new - 1 + info.speculate))
+    allocator = BlockAllocator(1 + sum(-(-t // info.block_size) for *_, t in requests),
+                               info.block_size)
+    pb_requests = []
+    for request_id, request, tokens in requests:
+        allocation = allocator.allocate(tokens)
+        assert allocation is not None, "the warmup allocator is sized for every request"
+        pb_requests.append(to_pb_request(request_id, request, allocation))
+    return generate_pb2.Batch(
+        id=0,
+        requests=pb_requests,
+        size=len(pb_requests),
+        max_tokens=sum(r.truncate + r.stopping_parameters.max_new_tokens for r in pb_requests),
+        max_blocks=max((len(r.blocks) for r in pb_requests), default=0),
+    )
+
+
+async def connect_and_warmup(
+    client: WarmupBackend, settings: SchedulerSettings
+) -> tuple[ShardInfo, int, int, int]:
+    """ServiceDiscovery, ClearCache, Info, Warmup; returns the limits the router must enforce.
+
+    Returns (info, max_batch_total_tokens, max_input_tokens, max_total_tokens); build the
+    Scheduler with `resolve_settings(...)` so its allocator matches what the shards hold.
+    """
+    await client.service_discovery()
+    await client.clear_cache(None)
+    info = shard_info(await client.info(), settings.block_size)
+    answer = await client.warmup(
+        warmup_batch(settings, info),
+        settings.max_input_tokens,
+        settings.max_batch_prefill_tokens,
+        settings.max_total_tokens,
+    )
+    return (info, *resolve_limits(settings, info, answer))
+
+
+def resolve_limits(
+    settings: SchedulerSettings, info: ShardInfo, answer: generate_pb2.WarmupResponse
+) -> tuple[int, int, int]:
+    """(max_batch_total_tokens, max_input_tokens, max_total_tokens) after warmup, checked."""
+    if answer.HasField("max_supported_total_tokens"):
+        batch_total = answer.max_supported_total_tokens
+    else:
+        batch_total = settings.max_batch_total_tokens
+    max_total = answer.max_total_tokens or settings.max_total_tokens or batch_total
+    max_input = answer.max_input_tokens or settings.max_input_tokens or max_total - 1
+    # Block 0 is reserved, so one request can use at most this many KV tokens.
+    usable = (batch_total // info.block_size - 1) * info.block_size - info.speculate
+    if max_total - 1 > usable:
+        if settings.max_total_tokens is not None:
+            raise StartupError(f"Not enough memory to handle max_total_tokens={max_total}")
+        max_total = usable + 1
+    if not info.support_chunking and max_input > settings.max_batch_prefill_tokens:
+        if settings.max_input_tokens is not None:
+            raise StartupError(
+                f"`max_batch_prefill_tokens` must be >= `max_input_tokens`. Given: "
+                f"{settings.max_batch_prefill_tokens} and {max_input}"
+            )
+        max_input = settings.max_batch_prefill_tokens
+    if settings.max_input_tokens is None:
+        max_input = min(max_input, max_total - 1)
+    if max_input < 1 or max_input >= max_total:
+        raise StartupError(
+            f"`max_input_tokens`({max_input}) must be < `max_total_tokens`({max_total})"
+        )
+    if settings.max_batch_prefill_tokens > batch_total:
+        raise StartupError(
+            f"`max_batch_prefill_tokens` must be <= `max_batch_total_tokens`. Given: "
+            f"{settings.max_batch_prefill_tokens} and {batch_total}"
+        )
+    return batch_total, max_input, max_total
+
+
+def resolve_settings(
+    settings: SchedulerSettings, info: ShardInfo, limits: tuple[int, int, int]
+) -> SchedulerSettings:
+    """The settings a Scheduler needs after warmup: the shards' block size and KV capacity."""
+    batch_total, max_input, max_total = limits
+    return replace(
+        settings,
+        max_batch_total_tokens=batch_total,
+        block_size=info.block_size,
+        max_input_tokens=max_input,
+        max_total_tokens=max_total,
+    )

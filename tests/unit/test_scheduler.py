@@ -1,0 +1,637 @@
+"""Continuous batching against a fake shard: joins, leaves, cancellation, failures, budgets."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from tgserve.pb import generate_pb2 as pb
+from tgserve.router.scheduler import (
+    NoopObserver,
+    Scheduler,
+    SchedulerSettings,
+    U64_MAX,
+    StartupError,
+    connect_and_warmup,
+    resolve_limits,
+    resolve_settings,
+    shard_info,
+)
+from tgserve.router.shard_client import ShardTimings, StepResult
+from tgserve.router.types import (
+    EndEvent,
+    FinishReason,
+    GenerationError,
+    InferEvent,
+    PrefillEvent,
+    SamplingParameters,
+    StoppingParameters,
+    TokenEvent,
+    ValidRequest,
+)
+
+TIMINGS = ShardTimings(forward_ns=1, decode_ns=1, total_ns=2)
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, timeout=20))
+
+
+@dataclass
+class FakeRequest:
+    id: int
+    max_new_tokens: int
+    slots: list[int]
+    generated: int = 0
+
+
+@dataclass
+class FakeShardClient:
+    """One token per request per step; a request ends after its max_new_tokens.
+
+    It checks what a real KV cache would need: no two live requests ever share a slot, and
+    every slot lies inside the cache.
+    """
+
+    num_slots: int
+    calls: list[tuple[str, Any]] = field(default_factory=list)
+    batches: dict[int, list[FakeRequest]] = field(default_factory=dict)
+    fail: Callable[[str, list[int]], Exception | None] = lambda method, ids: None
+    healthy: bool = True
+
+    async def _yield(self) -> None:
+        # Give consumers (and newly arriving requests) a chance to run mid-step.
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    def live_slots(self) -> list[int]:
+        return [s for reqs in self.batches.values() for r in reqs for s in r.slots]
+
+    async def health(self) -> None:
+        self.calls.append(("health", None))
+        if not self.healthy:
+            raise GenerationError("device gone")
+
+    async def clear_cache(self, batch_id: int | None = None) -> None:
+        self.calls.append(("clear", batch_id))
+        if batch_id is None:
+            self.batches.clear()
+        else:
+            self.batches.pop(batch_id, None)
+
+    async def filter_batch(self, batch_id: int, request_ids: Sequence[int]) -> pb.CachedBatch:
+        self.calls.append(("filter", (batch_id, sorted(request_ids))))
+        keep = set(request_ids)
+        self.batches[batch_id] = [r for r in self.batches[batch_id] if r.id in keep]
+        return self._cached(batch_id)
+
+    async def prefill(
+        self, batch: pb.Batch, cached_batch: pb.CachedBatch | None = None
+    ) -> StepResult:
+        ids = [r.id for r in batch.requests]
+        self.calls.append(("prefill", (batch.id, ids)))
+        await self._yield()
+        if (err := self.fail("prefill", ids)) is not None:
+            raise err
+        live = set(self.live_slots())
+        requests = []
+        for r in batch.requests:
+            assert len(r.slots) == len(r.input_ids) + r.stopping_parameters.max_new_tokens - 1
+            assert live.isdisjoint(r.slots), "two live requests share a KV slot"
+            assert all(0 <= s < self.num_slots for s in r.slots)
+            live.update(r.slots)
+            requests.append(FakeRequest(r.id, r.stopping_parameters.max_new_tokens, list(r.slots)))
+        prefill_logprobs = {r.id for r in batch.requests if r.prefill_logprobs}
+        return self._step(batch.id, requests, prefill_logprobs)
+
+    async def decode(self, batches: Sequence[pb.CachedBatch]) -> StepResult:
+        requests = [r for b in batches for r in self.batches.pop(b.id)]
+        ids = [r.id for r in requests]
+        self.calls.append(("decode", ids))
+        await self._yield()
+        if (err := self.fail("decode", ids)) is not None:
+            raise err
+        return self._step(batches[0].id, requests, set())
+
+    def _step(self, batch_id: int, requests: list[FakeRequest], prefill: set[int]) -> StepResult:
+        generations = []
+        for r in requests:
+            r.generated += 1
+            token_id = 1000 + r.generated
+            g = pb.Generation(
+                request_id=r.id,
+                tokens=pb.Tokens(ids=[token_id], logprobs=[-0.5], texts=[f"t{r.generated}"],
+                                 is_special=[False]),
+            )
+            if r.id in prefill:
+                g.prefill_tokens.CopyFrom(pb.Tokens(ids=[1, 2], logprobs=[float("nan"), -1.0],
+                                                    texts=["a", "b"], is_special=[False] * 2))
+            if r.generated == r.max_new_tokens:
+                g.generated_text.CopyFrom(pb.GeneratedText(
+                    text="".join(f"t{i}" for i in range(1, r.generated + 1)),
+                    generated_tokens=r.generated,
+                    finish_reason=pb.FINISH_REASON_LENGTH, seed=3))
+            generations.append(g)
+        remaining = [r for r in requests if r.generated < r.max_new_tokens]
+        if not remaining:
+            return StepResult(generations, None, TIMINGS)
+        self.batches[batch_id] = remaining
+        return StepResult(generations, self._cached(batch_id), TIMINGS)
+
+    def _cached(self, batch_id: int) -> pb.CachedBatch:
+        reqs = self.batches[batch_id]
+        return pb.CachedBatch(id=batch_id, request_ids=[r.id for r in reqs], size=len(reqs),
+                              max_tokens=sum(len(r.slots) for r in reqs))
+
+    def decodes(self) -> list[list[int]]:
+        return [ids for name, ids in self.calls if name == "decode"]
+
+    def prefills(self) -> list[list[int]]:
+        return [ids for name, (_, ids) in ((n, a) for n, a in self.calls if n == "prefill")]
+
+
+class RecordingObserver(NoopObserver):
+    def __init__(self) -> None:
+        self.concats: list[str] = []
+        self.blocks: list[tuple[int, int]] = []
+        self.dropped = 0
+        self.failures: list[str] = []
+
+    def on_concat(self, reason: str) -> None:
+        self.concats.append(reason)
+
+    def on_blocks(self, used: int, total: int) -> None:
+        assert used <= total
+        self.blocks.append((used, total))
+
+    def on_request_dropped(self) -> None:
+        self.dropped += 1
+
+    def on_inference_failure(self, method: str) -> None:
+        self.failures.append(method)
+
+
+def req(input_length: int, max_new_tokens: int, details: bool = False) -> ValidRequest:
+    return ValidRequest(
+        inputs="p" * input_length,
+        input_ids=tuple(range(1, input_length + 1)),
+        parameters=SamplingParameters(),
+        stopping=StoppingParameters(max_new_tokens=max_new_tokens),
+        decoder_input_details=details,
+    )
+
+
+def make(
+    num_blocks: int = 64, block_size: int = 4, observer: RecordingObserver | None = None, **kw: Any
+) -> tuple[Scheduler, FakeShardClient]:
+    settings = SchedulerSettings(
+        max_batch_prefill_tokens=kw.pop("max_batch_prefill_tokens", 64),
+        max_batch_total_tokens=num_blocks * block_size,
+        block_size=block_size,
+        **kw,
+    )
+    client = FakeShardClient(num_slots=num_blocks * block_size)
+    return Scheduler(client, settings, observer), client
+
+
+async def collect(stream: AsyncIterator[InferEvent], log: list[tuple[str, Any]] | None = None,
+                  name: str = "") -> list[InferEvent]:
+    events = []
+    async for event in stream:
+        events.append(event)
+        if log is not None and isinstance(event, EndEvent):
+            log.append(("end", name))
+    return events
+
+
+async def wait_until(predicate: Callable[[], bool]) -> None:
+    while not predicate():
+        await asyncio.sleep(0)
+
+
+# ---- events ------------------------------------------------------------------------------
+
+
+def test_one_request_streams_tokens_then_end() -> None:
+    async def main() -> None:
+        scheduler, client = make()
+        scheduler.start()
+        events = await collect(scheduler.schedule(req(5, 3, details=True)))
+        await scheduler.stop()
+        assert isinstance(events[0], PrefillEvent)
+        assert [t.logprob for t in events[0].tokens] == [None, -1.0]  # NaN becomes None
+        assert [type(e) for e in events[1:]] == [TokenEvent, TokenEvent, EndEvent]
+        end = events[-1]
+        assert isinstance(end, EndEvent)
+        assert end.generated_text.text == "t1t2t3"
+        assert end.generated_text.finish_reason is FinishReason.LENGTH
+        assert end.generated_text.seed == 3
+        assert end.started_at >= end.queued_at
+        assert scheduler.allocator.used_blocks == 0
+        assert ("clear", None) not in client.calls
+
+    run(main())
+
+
+def test_prefill_event_only_with_decoder_input_details() -> None:
+    async def main() -> None:
+        scheduler, _ = make()
+        scheduler.start()
+        events = await collect(scheduler.schedule(req(5, 2)))
+        await scheduler.stop()
+        assert [type(e) for e in events] == [TokenEvent, EndEvent]
+
+    run(main())
+
+
+# ---- continuous batching -----------------------------------------------------------------
+
+
+def test_short_request_joins_a_running_long_one_and_finishes_first() -> None:
+    async def main() -> None:
+        scheduler, client = make(waiting_served_ratio=0.3)
+        scheduler.start()
+        order: list[tuple[str, Any]] = []
+        long_task = asyncio.create_task(collect(scheduler.schedule(req(4, 30)), order, "long"))
+        await wait_until(lambda: len(client.decodes()) >= 2)
+        short = await collect(scheduler.schedule(req(3, 3)), order, "short")
+        long = await long_task
+        await scheduler.stop()
+        assert order == [("end", "short"), ("end", "long")]
+        assert len(short) == 3 and len(long) == 30
+        long_id, short_id = client.prefills()[0][0], client.prefills()[1][0]
+        assert any({long_id, short_id} <= set(ids) for ids in client.decodes())
+        assert scheduler.allocator.used_blocks == 0
+
+    run(main())
+
+
+def test_max_batch_size_keeps_newcomers_waiting() -> None:
+    async def main() -> None:
+        scheduler, client = make(max_batch_size=1)
+        scheduler.start()
+        first = asyncio.create_task(collect(scheduler.schedule(req(4, 6))))
+        await wait_until(lambda: len(client.decodes()) >= 1)
+        second = await collect(scheduler.schedule(req(4, 2)))
+        await first
+        await scheduler.stop()
+        assert len(second) == 2
+        assert all(len(ids) == 1 for ids in client.decodes())
+
+    run(main())
+
+
+def test_newcomer_waits_for_max_waiting_tokens_when_too_few_wait() -> None:
+    async def main() -> None:
+        observer = RecordingObserver()
+        scheduler, client = make(observer=observer, waiting_served_ratio=1.0,
+                                 max_waiting_tokens=5)
+        a = scheduler.schedule(req(4, 40))
+        b = scheduler.schedule(req(4, 40))
+        tasks = [asyncio.create_task(collect(s)) for s in (a, b)]
+        await asyncio.sleep(0)  # both queued before the batching task starts
+        scheduler.start()
+        await wait_until(lambda: len(client.decodes()) >= 1)
+        late = asyncio.create_task(collect(scheduler.schedule(req(4, 2))))
+        await asyncio.gather(late, *tasks)
+        await scheduler.stop()
+        # Batch of 2 with ratio 1.0 needs 2 waiting; one alone joins only once
+        # waiting_tokens (1 after prefill, +1 per decode) reaches 5, i.e. after 4 decodes.
+        assert observer.concats == ["wait_exceeded"]
+        prefill_index = [i for i, (n, _) in enumerate(client.calls) if n == "prefill"][1]
+        decodes_before = [c for c in client.calls[:prefill_index] if c[0] == "decode"]
+        assert len(decodes_before) == 4
+
+    run(main())
+
+
+def test_enough_waiting_requests_join_at_once_as_backpressure() -> None:
+    async def main() -> None:
+        observer = RecordingObserver()
+        scheduler, client = make(observer=observer, waiting_served_ratio=1.0,
+                                 max_waiting_tokens=1000)
+        firsts = [asyncio.create_task(collect(scheduler.schedule(req(4, 20)))) for _ in range(2)]
+        await asyncio.sleep(0)
+        scheduler.start()
+        await wait_until(lambda: len(client.decodes()) >= 1)
+        lates = [asyncio.create_task(collect(scheduler.schedule(req(4, 2)))) for _ in range(2)]
+        await asyncio.gather(*firsts, *lates)
+        await scheduler.stop()
+        assert observer.concats == ["backpressure"]
+        prefills = client.prefills()
+        assert len(prefills) == 2 and len(prefills[1]) == 2
+        # The pair joined long before max_waiting_tokens could have forced it.
+        prefill_index = [i for i, (n, _) in enumerate(client.calls) if n == "prefill"][1]
+        assert len([c for c in client.calls[:prefill_index] if c[0] == "decode"]) < 5
+
+    run(main())
+
+
+# ---- cancellation ------------------------------------------------------------------------
+
+
+def test_closed_stream_is_filtered_out_and_freed_within_one_step() -> None:
+    async def main() -> None:
+        observer = RecordingObserver()
+        scheduler, client = make(observer=observer)
+        keep = asyncio.create_task(collect(scheduler.schedule(req(4, 20))))
+        gone = scheduler.schedule(req(9, 20))
+        await asyncio.sleep(0)
+        scheduler.start()
+        received = 0
+        async for _ in gone:
+            received += 1
+            if received == 3:
+                break
+        blocks_before = scheduler.allocator.used_blocks
+        await gone.aclose()
+        decodes_at_close = len(client.decodes())
+        await wait_until(lambda: any(n == "filter" for n, _ in client.calls))
+        (kept_id, gone_id) = client.prefills()[0]
+        filters = [args for n, args in client.calls if n == "filter"]
+        assert filters[0][1] == [kept_id]
+        with_gone = [ids for ids in client.decodes()[decodes_at_close:] if gone_id in ids]
+        assert len(with_gone) <= 1  # at most the step already in flight
+        assert scheduler.allocator.used_blocks == blocks_before - 7  # 9+20-1 tokens = 7 blocks
+        await keep
+        await scheduler.stop()
+        assert observer.dropped == 1
+        assert scheduler.allocator.used_blocks == 0
+
+    run(main())
+
+
+def test_cancelled_while_queued_never_reaches_the_shard() -> None:
+    async def main() -> None:
+        observer = RecordingObserver()
+        scheduler, client = make(observer=observer)
+        stream = scheduler.schedule(req(4, 3))
+        waiter = asyncio.create_task(stream.__anext__())
+        await asyncio.sleep(0)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        await stream.aclose()
+        scheduler.start()
+        events = await collect(scheduler.schedule(req(4, 2)))
+        await scheduler.stop()
+        assert len(events) == 2
+        assert len(client.prefills()) == 1 and len(client.prefills()[0]) == 1
+        assert observer.dropped == 1
+
+    run(main())
+
+
+# ---- failures and health -----------------------------------------------------------------
+
+
+def test_decode_failure_fails_its_requests_and_the_server_keeps_serving() -> None:
+    async def main() -> None:
+        observer = RecordingObserver()
+        scheduler, client = make(observer=observer)
+        failed_once: list[bool] = []
+
+        def fail(method: str, ids: list[int]) -> Exception | None:
+            if method == "decode" and len(client.decodes()) == 2 and not failed_once:
+                failed_once.append(True)
+                return RuntimeError("CUDA out of memory")
+            return None
+
+        client.fail = fail
+        tasks = [asyncio.create_task(collect(scheduler.schedule(req(4, 10)))) for _ in range(2)]
+        await asyncio.sleep(0)
+        scheduler.start()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, GenerationError) for r in results)
+        assert "CUDA out of memory" in str(results[0])
+        batch_id = [a for n, a in client.calls if n == "prefill"][0][0]
+        assert ("clear", batch_id) in client.calls
+        assert observer.failures == ["decode"]
+        assert scheduler.allocator.used_blocks == 0
+        events = await collect(scheduler.schedule(req(4, 3)))
+        await scheduler.stop()
+        assert isinstance(events[-1], EndEvent)
+
+    run(main())
+
+
+def test_prefill_failure_of_a_joining_batch_spares_the_running_one() -> None:
+    async def main() -> None:
+        scheduler, client = make()
+        client.fail = lambda method, ids: (
+            GenerationError("bad prompt") if method == "prefill" and 1 in ids else None
+        )
+        running = asyncio.create_task(collect(scheduler.schedule(req(4, 8))))
+        scheduler.start()
+        await wait_until(lambda: len(client.decodes()) >= 1)
+        with pytest.raises(GenerationError, match="bad prompt"):
+            await collect(scheduler.schedule(req(4, 8)))
+        events = await running
+        await scheduler.stop()
+        assert len(events) == 8
+        assert scheduler.allocator.used_blocks == 0
+
+    run(main())
+
+
+def test_health_uses_rpc_then_a_real_prefill_on_block_zero_after_failure() -> None:
+    async def main() -> None:
+        scheduler, client = make()
+        assert await scheduler.health() is True
+        assert client.calls[-1] == ("health", None)
+        client.fail = lambda method, ids: RuntimeError("boom") if method == "decode" else None
+        scheduler.start()
+        with pytest.raises(GenerationError):
+            await collect(scheduler.schedule(req(4, 3)))
+        client.fail = lambda method, ids: None
+        calls_before = len(client.calls)
+        assert await scheduler.health() is True
+        name, (batch_id, ids) = client.calls[calls_before]
+        assert (name, batch_id, ids) == ("prefill", U64_MAX, [U64_MAX])
+        assert client.calls[-1][0] != "health"
+        # Healthy again: back to the cheap RPC.
+        client.healthy = False
+        assert await scheduler.health() is False
+        await scheduler.stop()
+
+    run(main())
+
+
+def test_request_that_can_never_fit_is_refused_not_queued_forever() -> None:
+    async def main() -> None:
+        scheduler, _ = make(num_blocks=4, block_size=4)  # 12 usable KV tokens
+        scheduler.start()
+        with pytest.raises(GenerationError, match="KV tokens"):
+            await collect(scheduler.schedule(req(8, 8)))
+        assert len(scheduler.queue) == 0
+        await scheduler.stop()
+
+    run(main())
+
+
+def test_stop_fails_waiting_requests() -> None:
+    async def main() -> None:
+        scheduler, _ = make()
+        task = asyncio.create_task(collect(scheduler.schedule(req(4, 3))))
+        await asyncio.sleep(0)
+        await scheduler.stop()
+        with pytest.raises(GenerationError, match="shutting down"):
+            await task
+
+    run(main())
+
+
+def test_stop_fails_running_requests_and_frees_their_blocks() -> None:
+    async def main() -> None:
+        scheduler, client = make()
+        scheduler.start()
+        task = asyncio.create_task(collect(scheduler.schedule(req(4, 50))))
+        await wait_until(lambda: len(client.decodes()) >= 2)
+        assert scheduler.allocator.used_blocks > 0
+        await scheduler.stop()
+        with pytest.raises(GenerationError, match="shutting down"):
+            await task
+        assert scheduler.allocator.used_blocks == 0
+
+    run(main())
+
+
+# ---- invariants under random load --------------------------------------------------------
+
+
+def test_blocks_never_over_committed_under_random_load() -> None:
+    async def consumer(scheduler: Scheduler, rng: random.Random, r: ValidRequest,
+                       cancel_after: int | None) -> tuple[int, bool]:
+        await asyncio.sleep(0)
+        stream = scheduler.schedule(r)
+        count = 0
+        async for event in stream:
+            count += 1
+            if cancel_after is not None and count >= cancel_after:
+                await stream.aclose()
+                return count, False
+            if isinstance(event, EndEvent):
+                return count, True
+        raise AssertionError("stream ended without EndEvent")
+
+    async def main() -> None:
+        rng = random.Random(1234)
+        observer = RecordingObserver()
+        scheduler, client = make(num_blocks=24, block_size=4, observer=observer,
+                                 max_batch_prefill_tokens=32, waiting_served_ratio=0.5,
+                                 max_waiting_tokens=3)
+        capacity = scheduler.allocator.total_blocks
+        original_prefill = client.prefill
+
+        async def checked_prefill(batch: pb.Batch, cached: pb.CachedBatch | None = None) -> Any:
+            assert scheduler.allocator.used_blocks <= capacity
+            assert len(client.live_slots()) + sum(len(r.slots) for r in batch.requests) <= (
+                capacity * 4)
+            return await original_prefill(batch, cached)
+
+        client.prefill = checked_prefill  # type: ignore[method-assign]
+        scheduler.start()
+        plans = []
+        for _ in range(60):
+            r = req(rng.randint(1, 30), rng.randint(1, 40))
+            cancel = rng.randint(1, 5) if rng.random() < 0.2 else None
+            plans.append((r, cancel))
+        tasks = []
+        for r, cancel in plans:
+            tasks.append(asyncio.create_task(consumer(scheduler, rng, r, cancel)))
+            for _ in range(rng.randint(0, 20)):
+                await asyncio.sleep(0)
+        results = await asyncio.gather(*tasks)
+        await scheduler.stop()
+        for (r, cancel), (count, finished) in zip(plans, results):
+            if finished:
+                assert count == r.stopping.max_new_tokens
+        assert observer.blocks and max(used for used, _ in observer.blocks) <= capacity
+        assert max(used for used, _ in observer.blocks) > capacity // 2  # the load was real
+        assert scheduler.allocator.used_blocks == 0
+        assert client.batches == {}
+
+    run(main())
+
+
+# ---- startup -----------------------------------------------------------------------------
+
+
+@dataclass
+class FakeWarmupClient:
+    info_response: pb.InfoResponse
+    supported: int | None
+    batch: pb.Batch | None = None
+    calls: list[str] = field(default_factory=list)
+
+    async def service_discovery(self) -> list[str]:
+        self.calls.append("service_discovery")
+        return ["unix:///tmp/s-0"]
+
+    async def clear_cache(self, batch_id: int | None = None) -> None:
+        self.calls.append(f"clear_cache:{batch_id}")
+
+    async def info(self) -> pb.InfoResponse:
+        self.calls.append("info")
+        return self.info_response
+
+    async def warmup(self, batch: pb.Batch, max_input_tokens: int | None,
+                     max_prefill_tokens: int, max_total_tokens: int | None) -> pb.WarmupResponse:
+        self.calls.append("warmup")
+        self.batch = batch
+        total = max_total_tokens or 1024
+        return pb.WarmupResponse(max_supported_total_tokens=self.supported,
+                                 max_input_tokens=max_input_tokens or total - 1,
+                                 max_total_tokens=total)
+
+
+def info(block_size: int = 16) -> pb.InfoResponse:
+    return pb.InfoResponse(block_size=block_size, max_position_embeddings=2048, vocab_size=100,
+                           model_type="llama", dtype="float32", device_type="cpu",
+                           eos_token_ids=[2])
+
+
+def test_connect_and_warmup_sends_prefill_budget_in_pieces_with_slots() -> None:
+    client = FakeWarmupClient(info(block_size=16), supported=8000)
+    settings = SchedulerSettings(max_batch_prefill_tokens=1000, max_input_tokens=300,
+                                 max_total_tokens=400)
+    shard, batch_total, max_input, max_total = run(connect_and_warmup(client, settings))
+    assert client.calls == ["service_discovery", "clear_cache:None", "info", "warmup"]
+    assert (batch_total, max_input, max_total) == (8000, 300, 400)
+    assert shard.block_size == 16 and shard.eos_token_ids == (2,)
+    assert client.batch is not None
+    lengths = [len(r.input_ids) for r in client.batch.requests]
+    assert lengths == [300, 300, 300, 100]
+    slots = [s for r in client.batch.requests for s in r.slots]
+    assert len(slots) == len(set(slots)) and min(slots) >= 16  # block 0 stays free
+    for r in client.batch.requests:
+        assert r.stopping_parameters.max_new_tokens == 400 - len(r.input_ids)
+        assert len(r.slots) == len(r.input_ids) + r.stopping_parameters.max_new_tokens - 1
+        assert r.stopping_parameters.ignore_eos_token and r.prefill_logprobs
+        assert r.top_n_tokens == 20 and r.parameters.watermark
+    scheduler_settings = resolve_settings(settings, shard, (batch_total, max_input, max_total))
+    scheduler = Scheduler(FakeShardClient(num_slots=8000), scheduler_settings)
+    assert scheduler.allocator.num_blocks == 8000 // 16
+
+
+def test_warmup_limits_are_checked() -> None:
+    shard = shard_info(info(block_size=4), 16)
+    small = pb.WarmupResponse(max_supported_total_tokens=100, max_input_tokens=50,
+                              max_total_tokens=200)
+    with pytest.raises(StartupError, match="max_total_tokens=200"):
+        resolve_limits(SchedulerSettings(max_batch_prefill_tokens=64, max_total_tokens=200),
+                       shard, small)
+    # Unset by the user: capped to what one request can hold (block 0 reserved).
+    assert resolve_limits(SchedulerSettings(max_batch_prefill_tokens=64), shard, small) == (
+        100, 50, 97)
+    with pytest.raises(StartupError, match="max_batch_prefill_tokens"):
+        resolve_limits(SchedulerSettings(max_batch_prefill_tokens=40, max_input_tokens=50),
+                       shard, small)
+    with pytest.raises(StartupError, match="max_batch_total_tokens"):
+        resolve_limits(SchedulerSettings(max_batch_prefill_tokens=128), shard, pb.WarmupResponse(
+            max_supported_total_tokens=100, max_input_tokens=50, max_total_tokens=90))

@@ -1,0 +1,170 @@
+"""ShardClient against two in-process grpc.aio ranks on unix sockets: fan-out and merging."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from tgserve.pb import generate_pb2 as pb
+from tgserve.pb import generate_pb2_grpc
+from tgserve.router.shard_client import ShardClient, generation_events
+from tgserve.router.types import EndEvent, FinishReason, GenerationError, PrefillEvent, TokenEvent
+
+
+class FakeRank(generate_pb2_grpc.TextGenerationServiceServicer):
+    """Answers for the requests whose id % world_size == rank, like a real shard."""
+
+    def __init__(self, rank: int, urls: list[str]) -> None:
+        self.rank = rank
+        self.urls = urls
+        self.calls: list[tuple[str, Any]] = []
+        self.fail_decode = False
+
+    async def ServiceDiscovery(self, request: Any, context: Any) -> pb.ServiceDiscoveryResponse:
+        return pb.ServiceDiscoveryResponse(urls=self.urls)
+
+    async def Info(self, request: Any, context: Any) -> pb.InfoResponse:
+        self.calls.append(("info", None))
+        return pb.InfoResponse(block_size=16, model_type="llama", device_type=f"cpu{self.rank}")
+
+    async def Health(self, request: Any, context: Any) -> pb.HealthResponse:
+        self.calls.append(("health", None))
+        return pb.HealthResponse()
+
+    async def ClearCache(self, request: pb.ClearCacheRequest, context: Any) -> Any:
+        self.calls.append(("clear", request.id if request.HasField("id") else None))
+        return pb.ClearCacheResponse()
+
+    async def FilterBatch(self, request: pb.FilterBatchRequest, context: Any) -> Any:
+        self.calls.append(("filter", (request.batch_id, list(request.request_ids))))
+        batch = pb.CachedBatch(id=request.batch_id, request_ids=request.request_ids,
+                               size=len(request.request_ids))
+        return pb.FilterBatchResponse(batch=batch)
+
+    async def Warmup(self, request: pb.WarmupRequest, context: Any) -> pb.WarmupResponse:
+        self.calls.append(("warmup", len(request.batch.requests)))
+        # Rank 1 has less memory than rank 0.
+        return pb.WarmupResponse(max_supported_total_tokens=[5000, 3000][self.rank],
+                                 max_input_tokens=[1000, 900][self.rank],
+                                 max_total_tokens=[2000, 2048][self.rank])
+
+    def _answer(self, ids: list[int], batch_id: int) -> dict[str, Any]:
+        mine = [i for i in ids if i % len(self.urls) == self.rank]
+        generations = [
+            pb.Generation(request_id=i, tokens=pb.Tokens(ids=[100 + i], logprobs=[-0.1],
+                                                         texts=[f"r{self.rank}"],
+                                                         is_special=[False]))
+            for i in mine
+        ]
+        return dict(
+            generations=generations,
+            batch=pb.CachedBatch(id=batch_id, request_ids=ids, size=len(ids)),
+            forward_ns=[10, 30][self.rank],
+            decode_ns=[7, 2][self.rank],
+            total_ns=[20, 40][self.rank],
+        )
+
+    async def Prefill(self, request: pb.PrefillRequest, context: Any) -> pb.PrefillResponse:
+        self.calls.append(("prefill", request.batch.id))
+        ids = [r.id for r in request.batch.requests]
+        return pb.PrefillResponse(**self._answer(ids, request.batch.id))
+
+    async def Decode(self, request: pb.DecodeRequest, context: Any) -> pb.DecodeResponse:
+        if self.fail_decode:
+            await context.abort(grpc.StatusCode.INTERNAL, f"rank {self.rank} exploded")
+        ids = [i for b in request.batches for i in b.request_ids]
+        return pb.DecodeResponse(**self._answer(ids, request.batches[0].id), concat_ns=5)
+
+
+async def start_ranks(tmp_path: Path) -> tuple[list[grpc.aio.Server], list[FakeRank]]:
+    urls = [f"unix://{tmp_path}/shard-{rank}" for rank in range(2)]
+    servers, ranks = [], []
+    for rank, url in enumerate(urls):
+        server = grpc.aio.server()
+        servicer = FakeRank(rank, urls)
+        generate_pb2_grpc.add_TextGenerationServiceServicer_to_server(servicer, server)
+        server.add_insecure_port(url)
+        await server.start()
+        servers.append(server)
+        ranks.append(servicer)
+    return servers, ranks
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, timeout=30))
+
+
+def test_two_ranks_fan_out_and_merge(tmp_path: Path) -> None:
+    async def main() -> None:
+        servers, ranks = await start_ranks(tmp_path)
+        client = await ShardClient.connect(str(tmp_path / "shard-0"))
+        try:
+            assert client.world_size == 2
+            assert (await client.info()).device_type == "cpu1"  # the last rank's answer
+            await client.health()
+            await client.clear_cache(None)
+            await client.clear_cache(7)
+            warm = await client.warmup(pb.Batch(id=0, requests=[pb.Request(id=0)]), None, 64, None)
+            assert warm.max_supported_total_tokens == 3000
+            assert (warm.max_input_tokens, warm.max_total_tokens) == (900, 2000)
+
+            batch = pb.Batch(id=3, requests=[pb.Request(id=i) for i in range(4)], size=4)
+            result = await client.prefill(batch)
+            assert sorted(g.request_id for g in result.generations) == [0, 1, 2, 3]
+            texts = {g.request_id: g.tokens.texts[0] for g in result.generations}
+            assert texts == {0: "r0", 1: "r1", 2: "r0", 3: "r1"}
+            assert result.batch is not None and list(result.batch.request_ids) == [0, 1, 2, 3]
+            # Timings come from the slowest shard.
+            assert (result.timings.forward_ns, result.timings.total_ns) == (30, 40)
+            assert result.timings.decode_ns == 7 and result.timings.concat_ns is None
+
+            decoded = await client.decode([result.batch])
+            assert len(decoded.generations) == 4 and decoded.timings.concat_ns == 5
+            kept = await client.filter_batch(3, [1, 2])
+            assert list(kept.request_ids) == [1, 2]
+            for rank in ranks:
+                assert ("clear", None) in rank.calls and ("clear", 7) in rank.calls
+                assert ("filter", (3, [1, 2])) in rank.calls
+                assert ("warmup", 1) in rank.calls and ("health", None) in rank.calls
+
+            ranks[1].fail_decode = True
+            with pytest.raises(GenerationError, match="rank 1 exploded"):
+                await client.decode([result.batch])
+        finally:
+            await client.close()
+            for server in servers:
+                await server.stop(None)
+
+    run(main())
+
+
+def test_generation_events_split_tokens_and_finish() -> None:
+    generation = pb.Generation(
+        request_id=1,
+        prefill_tokens=pb.Tokens(ids=[5, 6], logprobs=[math.nan, -2.0], texts=["a", "b"],
+                                 is_special=[True, False]),
+        tokens=pb.Tokens(ids=[7, 8], logprobs=[-0.5, -0.25], texts=["c", "d"],
+                         is_special=[False, False]),
+        top_tokens=[pb.Tokens(ids=[7, 9], logprobs=[-0.5, -1.0], texts=["c", "x"],
+                              is_special=[False, False]),
+                    pb.Tokens(ids=[8], logprobs=[-0.25], texts=["d"], is_special=[False])],
+        generated_text=pb.GeneratedText(text="cd", generated_tokens=2,
+                                        finish_reason=pb.FINISH_REASON_STOP_SEQUENCE),
+    )
+    events = generation_events(generation, True, queued_at=1.0, started_at=2.0)
+    assert [type(e) for e in events] == [PrefillEvent, TokenEvent, EndEvent]
+    prefill, first, end = events
+    assert isinstance(prefill, PrefillEvent) and prefill.tokens[0].logprob is None
+    assert prefill.tokens[0].special and prefill.tokens[1].logprob == -2.0
+    assert isinstance(first, TokenEvent) and [t.id for t in first.top_tokens] == [7, 9]
+    assert isinstance(end, EndEvent) and end.token.id == 8 and [t.id for t in end.top_tokens] == [8]
+    assert end.generated_text.finish_reason is FinishReason.STOP_SEQUENCE
+    assert end.generated_text.seed is None
+    assert (end.queued_at, end.started_at) == (1.0, 2.0)
+    without = generation_events(generation, False, 1.0, 2.0)
+    assert not any(isinstance(e, PrefillEvent) for e in without)
