@@ -1,0 +1,373 @@
+"""Turns --model-id into a folder to load: the packaged default, a GGUF, a folder or a hub id."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from tgserve import env
+from tgserve.launcher.default_model import DEFAULT_MODEL_ID, default_model_path
+
+log = logging.getLogger(__name__)
+
+CONFIG_AND_TOKENIZER_FILES = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+]
+SAFETENSORS_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
+PICKLE_PATTERNS = ["pytorch_model*.bin", "pytorch_model*.bin.index.json"]
+PICKLE_GLOB = "pytorch_model*.bin"
+
+
+class ModelResolutionError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What the shards and the router load. `revision` is the hub commit the snapshot holds."""
+
+    model_id: str
+    path: Path  # config.json + tokenizer files (+ safetensors unless gguf_file is set)
+    gguf_file: Path | None
+    revision: str | None
+
+
+def resolve_model(
+    model_id: str | None,
+    revision: str | None,
+    hub_cache: Path | None,
+    cache_dir: Path,
+    allow_pickle_conversion: bool = False,
+) -> ModelSource:
+    """Offline first: a local path never touches the hub; a cached hub model needs no network."""
+    start = time.perf_counter()
+    if model_id is None:
+        source = _from_gguf(DEFAULT_MODEL_ID, default_model_path(cache_dir), cache_dir)
+    elif model_id.endswith(".gguf"):
+        source = _from_gguf(model_id, _existing_gguf(model_id), cache_dir)
+    elif Path(model_id).expanduser().is_dir():
+        folder = Path(model_id).expanduser().resolve()
+        _check_folder(folder, model_id, allow_pickle_conversion)
+        source = ModelSource(model_id, folder, None, None)
+    elif _looks_like_path(model_id):
+        raise ModelResolutionError(f"--model-id {model_id!r}: no such folder")
+    else:
+        source = _from_hub(model_id, revision, hub_cache, allow_pickle_conversion)
+    log.info(
+        "model %s resolved to %s in %.1fs",
+        source.model_id,
+        source.gguf_file or source.path,
+        time.perf_counter() - start,
+    )
+    return source
+
+
+# ---------------------------------------------------------------- local folders and pickle weights
+
+
+def _looks_like_path(model_id: str) -> bool:
+    return model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1
+
+
+def _check_folder(folder: Path, model_id: str, allow_pickle_conversion: bool) -> None:
+    if not (folder / "config.json").is_file():
+        raise ModelResolutionError(f"{model_id}: {folder} has no config.json")
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(folder.glob(PICKLE_GLOB))
+    if not pickles:
+        raise ModelResolutionError(
+            f"{model_id}: {folder} has no *.safetensors weights. If the model only ships pickle "
+            "(pytorch_model*.bin) weights, pass --convert-pickle-weights to fetch and convert them."
+        )
+    if not allow_pickle_conversion:
+        names = ", ".join(p.name for p in pickles[:3])
+        raise ModelResolutionError(
+            f"{model_id}: {folder} only has pickle weights ({names}); loading pickle can run "
+            "arbitrary code, so they are refused. Pass --convert-pickle-weights to convert them "
+            "once to safetensors next to them, or use a revision with safetensors weights "
+            "(e.g. the hub's safetensors conversion PR: --revision refs/pr/N)."
+        )
+    log.warning("converting pickle weights in %s to safetensors (--convert-pickle-weights)", folder)
+    convert_bin_to_safetensors(folder)
+
+
+def convert_bin_to_safetensors(folder: Path) -> list[Path]:
+    """Writes X.safetensors for each pytorch_X.bin in `folder` (and the index); returns them."""
+    written: list[Path] = []
+    for source in sorted(folder.glob(PICKLE_GLOB)):
+        target = folder / (source.name.removeprefix("pytorch_")[: -len(".bin")] + ".safetensors")
+        if not target.exists():
+            state = torch.load(source, map_location="cpu", weights_only=True)
+            tensors = _without_shared_storage(
+                {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+            )
+            _save_safetensors(tensors, target)
+            log.info("converted %s to %s (%d tensors)", source.name, target.name, len(tensors))
+        written.append(target)
+    if (folder / "pytorch_model.bin.index.json").exists():
+        written.append(_write_index(folder, written))
+    return written
+
+
+def _without_shared_storage(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keeps one name per storage (tied weights); safetensors refuses tensors that share memory."""
+    groups: dict[tuple[object, ...], list[str]] = {}
+    for name, t in state.items():
+        key = (
+            (
+                t.untyped_storage().data_ptr(),
+                t.storage_offset(),
+                tuple(t.shape),
+                t.stride(),
+                t.dtype,
+            )
+            if t.numel()
+            else (name,)
+        )
+        groups.setdefault(key, []).append(name)
+    kept: dict[str, torch.Tensor] = {}
+    for names in groups.values():
+        # A tied lm_head is rebuilt from the embedding at load time, so the embedding's name stays.
+        keep = min(names, key=lambda n: (n.startswith("lm_head."), names.index(n)))
+        if len(names) > 1:
+            log.info("dropping %s: same storage as %s", [n for n in names if n != keep], keep)
+        t = state[keep].contiguous()
+        kept[keep] = t if t.untyped_storage().nbytes() == t.nbytes else t.clone()
+    return kept
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    with safe_open(str(tmp), framework="pt") as f:
+        for name, tensor in tensors.items():
+            if not torch.equal(f.get_tensor(name), tensor):
+                tmp.unlink()
+                raise ModelResolutionError(f"converting {target.name}: {name} did not round-trip")
+    os.replace(tmp, target)
+
+
+def _write_index(folder: Path, files: list[Path]) -> Path:
+    weight_map: dict[str, str] = {}
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                weight_map[name] = file.name
+                sliced = f.get_slice(name)
+                total += _nbytes(sliced.get_shape(), sliced.get_dtype())
+    index = folder / "model.safetensors.index.json"
+    body = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    index.write_text(json.dumps(body, indent=2))
+    return index
+
+
+def _nbytes(shape: list[int], dtype: str) -> int:
+    bits = {"F64": 64, "I64": 64, "F32": 32, "I32": 32, "F16": 16, "BF16": 16, "I16": 16}
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count * bits.get(dtype, 8) // 8
+
+
+# ---------------------------------------------------------------- the Hugging Face hub
+
+
+def _from_hub(
+    model_id: str, revision: str | None, hub_cache: Path | None, allow_pickle_conversion: bool
+) -> ModelSource:
+    patterns = CONFIG_AND_TOKENIZER_FILES + SAFETENSORS_PATTERNS
+    folder = _snapshot(model_id, revision, hub_cache, patterns)
+    if not _has_weights(folder) and allow_pickle_conversion:
+        # Pickle files are fetched only when the user agreed to convert them.
+        folder = _snapshot(model_id, revision, hub_cache, patterns + PICKLE_PATTERNS)
+    _check_folder(folder, model_id, allow_pickle_conversion)
+    return ModelSource(model_id, folder, None, folder.name)
+
+
+def _has_weights(folder: Path) -> bool:
+    weights = any(folder.glob("*.safetensors")) or any(folder.glob(PICKLE_GLOB))
+    return (folder / "config.json").is_file() and weights
+
+
+def _snapshot(
+    repo_id: str,
+    revision: str | None,
+    hub_cache: Path | None,
+    patterns: list[str],
+) -> Path:
+    """The cached snapshot when it is complete (no network), else a real download."""
+
+    def fetch(local_files_only: bool) -> Path:
+        folder = snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=hub_cache,
+            allow_patterns=patterns,
+            local_files_only=local_files_only,
+        )
+        return Path(folder)
+
+    offline = env.hub_offline()
+    try:
+        cached = fetch(local_files_only=True)
+        if _has_weights(cached) or offline:
+            return cached
+        reason: Exception | str = f"the cached snapshot {cached} misses files"
+    except HFValidationError as e:
+        raise ModelResolutionError(
+            f"--model-id {repo_id!r} is neither a local folder, a .gguf file, nor a hub id: {e}"
+        ) from e
+    except (OSError, EntryNotFoundError) as e:
+        reason = e
+    if offline:
+        why = f"HF_HUB_OFFLINE is set; {reason}"
+        raise ModelResolutionError(_not_found(repo_id, revision, hub_cache, why))
+    log.info(
+        "downloading %s (revision %s) into %s",
+        repo_id,
+        revision or "main",
+        _hub_cache_dir(hub_cache),
+    )
+    try:
+        return fetch(local_files_only=False)
+    except Exception as e:  # every failure here means the same to the user: not cached, not fetched
+        why = f"{reason}; {e}"
+        raise ModelResolutionError(_not_found(repo_id, revision, hub_cache, why)) from e
+
+
+def _hub_cache_dir(hub_cache: Path | None) -> Path:
+    return hub_cache if hub_cache is not None else Path(hub_constants.HF_HUB_CACHE)
+
+
+def _not_found(repo_id: str, revision: str | None, hub_cache: Path | None, why: str) -> str:
+    return (
+        f"model {repo_id!r} (revision {revision or 'main'}) is not in the Hugging Face cache at "
+        f"{_hub_cache_dir(hub_cache)} and could not be downloaded ({why}). It is not a local "
+        "folder either. Check the id, --revision, --huggingface-hub-cache and the network."
+    )
+
+
+# ---------------------------------------------------------------- GGUF files
+
+
+def _existing_gguf(model_id: str) -> Path:
+    path = Path(model_id).expanduser()
+    if not path.is_file():
+        raise ModelResolutionError(
+            f"--model-id {model_id!r}: no such GGUF file (only local ones are read)"
+        )
+    return path.resolve()
+
+
+def _from_gguf(model_id: str, gguf_file: Path, cache_dir: Path) -> ModelSource:
+    return ModelSource(model_id, gguf_sidecar(gguf_file, cache_dir), gguf_file, None)
+
+
+def gguf_sidecar(gguf_file: Path, cache_dir: Path) -> Path:
+    """A folder with config, tokenizer and generation config for `gguf_file`, built once and reused.
+
+    Parsing a GGUF's metadata and tokenizer takes seconds; a saved tokenizer loads in 0.1 s.
+    """
+    stat = gguf_file.stat()
+    folder = cache_dir / "gguf" / f"{gguf_file.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (folder / "config.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        start = time.perf_counter()
+        _build_gguf_sidecar(gguf_file, tmp)
+        try:
+            os.rename(tmp, folder)  # atomic: a racing process sees no folder or a whole one
+        except OSError:
+            if not (folder / "config.json").is_file():
+                raise
+            log.info("another process built %s first; using it", folder)
+        else:
+            took = time.perf_counter() - start
+            log.info("wrote %s for %s in %.1fs", folder, gguf_file.name, took)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _build_gguf_sidecar(gguf_file: Path, out: Path) -> None:
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    parsed = load_gguf_checkpoint(str(gguf_file), return_tensors=False)
+    config_dict = {k: v for k, v in parsed["config"].items() if k != "_model_name_or_path"}
+    model_type = config_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **config_dict)
+    if not config.architectures and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]]
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    template = parsed.get("tokenizer_config", {}).get("chat_template")
+    if template and not tokenizer.chat_template:
+        tokenizer.chat_template = template
+    if getattr(config, "max_position_embeddings", None):
+        tokenizer.model_max_length = config.max_position_embeddings
+    eos_ids = _eos_token_ids(gguf_file, config.eos_token_id, tokenizer.eos_token_id)
+    generation = GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=eos_ids, pad_token_id=config.pad_token_id
+    )
+    config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    generation.save_pretrained(out)
+
+
+EOS_METADATA_KEYS = (
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.eot_token_id",
+    "tokenizer.ggml.eom_token_id",
+)
+
+
+def _eos_token_ids(gguf_file: Path, *known: int | list[int] | None) -> list[int]:
+    """Every id that ends generation: the config's and tokenizer's EOS, and llama.cpp's EOT/EOM."""
+    metadata = _gguf_metadata(gguf_file, EOS_METADATA_KEYS)
+    found: list[int] = []
+    for value in (*known, *(metadata.get(k) for k in EOS_METADATA_KEYS)):
+        for token_id in value if isinstance(value, list) else [value]:
+            if isinstance(token_id, int) and token_id not in found:
+                found.append(token_id)
+    return found
+
+
+def _gguf_metadata(gguf_file: Path, keys: tuple[str, ...]) -> dict[str, object]:
+    try:  # transformers 5's reader skips the big arrays; gguf's parses them all (seconds)
+        from transformers.integrations.gguf.reader import read_gguf_metadata
+    except ImportError:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(gguf_file)
+        return {k: field.contents() for k in keys if (field := reader.get_field(k)) is not None}
+    return {k: v for k, v in read_gguf_metadata(str(gguf_file))[0].items() if k in keys}
