@@ -16,6 +16,7 @@ from prometheus_client import start_http_server
 from tgserve.router.app import create_app
 from tgserve.router.draining import DrainMiddleware
 from tgserve.router.infer import Infer
+from tgserve.router.metrics import Metrics, MetricsObserver
 from tgserve.router.scheduler import (
     Scheduler,
     SchedulerSettings,
@@ -128,7 +129,10 @@ async def serve(args: argparse.Namespace) -> int:
         validation_workers=args.validation_workers, model_id=args.model_id,
         compute_type=f"{info.device_type}+tgserve",
     )
-    scheduler = Scheduler(client, settings)
+    metrics = Metrics.create(settings.max_input_tokens, settings.max_total_tokens)
+    metrics.batch_max_total_tokens.set(settings.max_batch_total_tokens)
+    metrics.kv_blocks_total.set(settings.max_batch_total_tokens // settings.block_size)
+    scheduler = Scheduler(client, settings, observer=MetricsObserver(metrics))
     scheduler.start()
     infer = Infer(scheduler, tokenizer, router_settings.limits(), args.max_concurrent_requests)
     extra = model_info(args, info)
