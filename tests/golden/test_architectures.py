@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.golden.harness import Harness
-from tests.golden.tiny_models import ARCHS, build
+from tests.golden.tiny_models import ARCHS, build, reference_greedy
 
 NEW_TOKENS = 64
 
@@ -25,15 +25,7 @@ def prompt(seed: int, length: int) -> list[int]:
     return torch.randint(1, 500, (length,), generator=g).tolist()
 
 
-def hf_greedy(model, ids: list[int], n: int) -> tuple[list[int], list[float]]:  # type: ignore[no-untyped-def]
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-            output_scores=True, return_dict_in_generate=True, pad_token_id=0,
-        )
-    tokens = out.sequences[0, len(ids):].tolist()
-    logprobs = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, tokens)]
-    return tokens, logprobs
+hf_greedy = reference_greedy
 
 
 def test_prefill_logits_match(arch) -> None:  # type: ignore[no-untyped-def]

@@ -61,3 +61,24 @@ def build(arch: str, folder: Path, seed: int = 0):  # type: ignore[no-untyped-de
     model.save_pretrained(folder)
     word_tokenizer().save_pretrained(folder)
     return model
+
+
+def reference_greedy(model, ids: list[int], n: int) -> tuple[list[int], list[float]]:  # type: ignore[no-untyped-def]
+    """Greedy decoding with transformers' own forward and KV cache, EOS treated as any token.
+
+    (generate() with min_new_tokens would mask EOS instead, changing the argmax.)
+    """
+    tokens: list[int] = []
+    logprobs: list[float] = []
+    past = None
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(n):
+            out = model(x, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            lp = torch.log_softmax(out.logits[0, -1].float(), -1)
+            token = int(lp.argmax())
+            tokens.append(token)
+            logprobs.append(lp[token].item())
+            x = torch.tensor([[token]])
+    return tokens, logprobs
