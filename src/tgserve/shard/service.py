@@ -135,12 +135,21 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "chunked prefill is not supported")
         reqs = [new_request(r, self.generator.tokenizer) for r in request.batch.requests]
         result = await self._run(context, self.generator.prefill, request.batch.id, reqs)
-        return _step_response(pb.PrefillResponse, *result)
+        return _step_response(pb.PrefillResponse, *self._owned(*result))
 
     async def Decode(self, request, context):  # type: ignore[no-untyped-def]
         ids = [b.id for b in request.batches]
         result = await self._run(context, self.generator.decode, ids)
-        return _step_response(pb.DecodeResponse, *result)
+        return _step_response(pb.DecodeResponse, *self._owned(*result))
+
+    def _owned(self, generations: Sequence[Generation], batch: Batch | None,
+               timings: StepTimings) -> tuple[list[Generation], Batch | None, StepTimings]:
+        """Every rank computes every request; each reports only its share, the router merges."""
+        s = self.settings
+        if s.world_size == 1:
+            return list(generations), batch, timings
+        mine = [g for g in generations if g.request_id % s.world_size == s.rank]
+        return mine, batch, timings
 
 
 def _step_response(cls, generations: Sequence[Generation], batch: Batch | None,  # type: ignore[no-untyped-def]
