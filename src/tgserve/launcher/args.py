@@ -133,6 +133,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             f"`max_input_tokens`({args.max_input_tokens}) must be < "
             f"`max_total_tokens`({args.max_total_tokens})"
         )
+    for flag, value in (("--speculate", args.speculate), ("--kv-cache-dtype", args.kv_cache_dtype),
+                        ("--lora-adapters", args.lora_adapters), ("--rope-scaling", args.rope_scaling),
+                        ("--rope-factor", args.rope_factor)):
+        if value:
+            # Refuse rather than run without what the user asked for.
+            parser.error(f"{flag} is not implemented yet in tgserve")
     if args.quantize is not None:
         if args.quantize not in QUANTIZE_METHODS:
             parser.error(
