@@ -16,6 +16,7 @@ import torch.distributed as dist
 from transformers import AutoTokenizer, GenerationConfig
 
 from tgserve.pb import generate_pb2_grpc as pb_grpc
+from tgserve.router.tracing import setup_tracing
 from tgserve.shard.generator import Generator
 from tgserve.shard.loading.loaders import load_model
 from tgserve.shard.service import ShardSettings, TextGenerationService
@@ -86,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-fraction", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's choice)")
     p.add_argument("--json-output", action="store_true")
+    p.add_argument("--otlp-endpoint")
+    p.add_argument("--otlp-service-name", default="text-generation-inference.server")
     return p.parse_args(argv)
 
 
@@ -107,6 +110,10 @@ async def serve(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = init_distributed(args)
+    if device.type == "cpu":
+        from tgserve.shard.layers.attention import cpu_kernels
+
+        cpu_kernels.available()  # build or load the C++ kernels now, not during a request
     model = load_model(args.model_path, device, args.dtype, args.rank, args.world_size,
                        gguf_file=args.gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(str(args.model_path))
@@ -121,10 +128,11 @@ async def serve(args: argparse.Namespace) -> None:
         kv_budget_bytes=kv_budget(args.kv_cache_memory, device, args.memory_fraction),
         urls=urls, rank=args.rank, world_size=args.world_size,
     )
+    tracing = setup_tracing(args.otlp_endpoint, args.otlp_service_name)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 2**31 - 1),
                                       ("grpc.max_send_message_length", 2**31 - 1)])
     pb_grpc.add_TextGenerationServiceServicer_to_server(
-        TextGenerationService(generator, settings), server
+        TextGenerationService(generator, settings, tracing.tracer if tracing else None), server
     )
     socket = f"{args.uds_path}-{args.rank}"
     if os.path.exists(socket):
@@ -139,6 +147,8 @@ async def serve(args: argparse.Namespace) -> None:
     await stop.wait()
     log.info("shard %d stopping", args.rank)
     await server.stop(grace=2)
+    if tracing is not None:
+        tracing.shutdown()
     if os.path.exists(socket):
         os.remove(socket)
 

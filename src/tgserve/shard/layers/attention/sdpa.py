@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from tgserve.shard.kv_cache import KVCache
+from tgserve.shard.layers.attention import cpu_kernels
 from tgserve.shard.layers.attention.metadata import AttentionMetadata, PrefillSequence
 
 
@@ -79,9 +80,15 @@ def _decode(
     scale: float,
     window: int | None,
 ) -> torch.Tensor:
-    assert meta.kv_index is not None
-    keys = _gather(kv_cache.keys[layer], meta.kv_index)  # [B, Hkv, L, D]
-    values = _gather(kv_cache.values[layer], meta.kv_index)
+    assert meta.kv_index is not None and meta.kv_lengths is not None
+    keys, values = kv_cache.keys[layer], kv_cache.values[layer]
+    if q.device.type == "cpu" and q.dtype == keys.dtype == torch.float32 and cpu_kernels.available():
+        # Reads K/V in place through the slot index: no per-layer copy of every row's context.
+        return cpu_kernels.paged_decode_attention(
+            q, keys, values, meta.kv_index, meta.kv_lengths, scale, window or 0
+        )
+    keys = _gather(keys, meta.kv_index)  # [B, Hkv, L, D]
+    values = _gather(values, meta.kv_index)
     o = F.scaled_dot_product_attention(
         q.unsqueeze(2),  # [B, H, 1, D]
         keys,
