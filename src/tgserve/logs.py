@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 
 
 class JsonFormatter(logging.Formatter):
@@ -30,14 +31,31 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def setup_logging(json_output: bool = False, component: str = "tgserve", level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if json_output:
-        handler.setFormatter(JsonFormatter(component))
-    else:
-        handler.setFormatter(
-            logging.Formatter(f"%(asctime)s %(levelname)-5s {component} %(name)s: %(message)s")
+class ReadableFormatter(logging.Formatter):
+    """One line per record; the request id, when a filter set one, follows the logger's name."""
+
+    def __init__(self, component: str) -> None:
+        super().__init__(
+            f"%(asctime)s %(levelname)-5s {component} %(name)s%(request_tag)s: %(message)s"
         )
+
+    def format(self, record: logging.LogRecord) -> str:
+        request_id = getattr(record, "request_id", None)
+        record.request_tag = f" [{request_id}]" if request_id else ""
+        return super().format(record)
+
+
+def setup_logging(
+    json_output: bool = False,
+    component: str = "tgserve",
+    level: str = "INFO",
+    filters: Sequence[logging.Filter] = (),
+) -> None:
+    """Filters (e.g. the router's request id) sit on the handler, so every logger's records pass."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(component) if json_output else ReadableFormatter(component))
+    for f in filters:
+        handler.addFilter(f)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

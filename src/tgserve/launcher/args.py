@@ -69,6 +69,7 @@ FLAGS: list[tuple[str, Callable[[str], Any] | None, Any, str]] = [
     ("--json-output", None, False, "JSON log lines"),
     ("--otlp-endpoint", str, None, "OpenTelemetry OTLP/gRPC endpoint"),
     ("--otlp-service-name", str, "text-generation-inference.router", "OpenTelemetry service name"),
+    ("--log-prompts", None, False, "Log prompts and generated text (never logged otherwise)"),
     ("--cors-allow-origin", str, None, "Allowed CORS origin (repeatable; none: any)"),
     ("--api-key", str, None, "Require `Authorization: Bearer <key>` on generation routes"),
     ("--watermark-gamma", float, None, "Watermark green-list share"),

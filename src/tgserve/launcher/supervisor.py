@@ -36,7 +36,15 @@ def shard_argv(args: argparse.Namespace, source: ModelSource, rank: int, world: 
         argv += ["--kv-cache-memory", args.kv_cache_memory]
     if args.json_output:
         argv.append("--json-output")
+    if args.otlp_endpoint:
+        argv += ["--otlp-endpoint", args.otlp_endpoint,
+                 "--otlp-service-name", shard_service_name(args.otlp_service_name)]
     return argv
+
+
+def shard_service_name(router_name: str) -> str:
+    """TGI's naming: `….router` for the router, `….server` for the shards."""
+    return router_name.removesuffix(".router") + ".server"
 
 
 ROUTER_FLAGS = (
@@ -63,6 +71,8 @@ def router_argv(args: argparse.Namespace, source: ModelSource) -> list[str]:
         argv.append("--json-output")
     if args.disable_grammar_support:
         argv.append("--disable-grammar-support")
+    if args.log_prompts:
+        argv.append("--log-prompts")
     return argv
 
 

@@ -8,13 +8,15 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tgserve import __version__
 from tgserve.router.api.native import native_router
 from tgserve.router.errors import PayloadTooLargeError, error_info, install_error_handlers
 from tgserve.router.infer import Infer
+from tgserve.router.metrics import exposition
+from tgserve.router.request_id import RequestIdMiddleware
 from tgserve.router.schemas import Info
 from tgserve.router.settings import RouterSettings
 
@@ -148,7 +150,7 @@ def create_app(infer: Infer, info: dict[str, Any], settings: RouterSettings) -> 
         response_class=Response,
     )
     async def metrics() -> Response:
-        return Response(content=generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        return Response(content=exposition(), media_type=CONTENT_TYPE_LATEST)
 
     # Added innermost first: CORS ends up outermost so that even 401/413 answers carry its headers.
     app.add_middleware(PayloadLimitMiddleware, limit=settings.payload_limit)
@@ -162,5 +164,8 @@ def create_app(infer: Infer, info: dict[str, Any], settings: RouterSettings) -> 
         allow_methods=["GET", "POST"],
         # TGI allows only content-type; authorization too, so browsers can send the API key.
         allow_headers=["content-type", "authorization"],
+        expose_headers=["x-request-id"],
     )
+    # Outermost: every answer, 401/413/CORS preflight included, carries the request id.
+    app.add_middleware(RequestIdMiddleware)
     return app

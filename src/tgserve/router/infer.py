@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -15,6 +15,7 @@ import anyio
 
 from tgserve.router import schemas
 from tgserve.router.errors import IncompleteGenerationStreamError, ValidationError
+from tgserve.router.observe import RequestTracker, Telemetry
 from tgserve.router.schemas import GenerateRequest
 from tgserve.router.tokenization import RouterTokenizer
 from tgserve.router.types import (
@@ -122,11 +123,13 @@ class Infer:
         tokenizer: RouterTokenizer,
         limits: Limits,
         max_concurrent_requests: int = 128,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
         self.limits = limits
         self.limiter = ConcurrencyLimiter(max_concurrent_requests)
+        self.telemetry = telemetry or Telemetry()
 
     async def validate(
         self, req: GenerateRequest, *, stream: bool = False, add_special_tokens: bool = True
@@ -164,11 +167,14 @@ class Infer:
         return [schemas.SimpleToken(**t) for t in tokens]
 
     @asynccontextmanager
-    async def _scheduled(self, request: ValidRequest) -> AsyncIterator[AsyncIterator[InferEvent]]:
+    async def _scheduled(
+        self, request: ValidRequest, track: RequestTracker | None = None
+    ) -> AsyncIterator[AsyncIterator[InferEvent]]:
         """The backend's event stream, closed on every exit so that the request is cancelled."""
         events = self.backend.schedule(request)
         try:
-            yield events
+            with track.scheduled(request) if track is not None else nullcontext():
+                yield events
         finally:
             aclose = getattr(events, "aclose", None)
             if aclose is not None:
@@ -179,15 +185,19 @@ class Infer:
                     except Exception:
                         logger.exception("closing the backend stream failed")
 
-    async def _collect(self, request: ValidRequest) -> Generation:
+    async def _collect(
+        self, request: ValidRequest, track: RequestTracker | None = None
+    ) -> Generation:
         prefill: list[Token] = []
         tokens: list[Token] = []
         top_tokens: list[list[Token]] = []
-        async with self._scheduled(request) as events:
+        async with self._scheduled(request, track) as events:
             async for event in events:
                 if isinstance(event, PrefillEvent):
                     prefill = list(event.tokens)
                     continue
+                if track is not None:
+                    track.token(request)
                 tokens.append(event.token)
                 top_tokens.append(list(event.top_tokens))
                 if isinstance(event, EndEvent):
@@ -202,9 +212,11 @@ class Infer:
                     )
         raise IncompleteGenerationError()
 
-    async def _collect_all(self, requests: Sequence[ValidRequest]) -> list[Generation]:
+    async def _collect_all(
+        self, requests: Sequence[ValidRequest], track: RequestTracker | None = None
+    ) -> list[Generation]:
         """Run sibling requests concurrently; the first failure cancels the others."""
-        tasks = [asyncio.ensure_future(self._collect(r)) for r in requests]
+        tasks = [asyncio.ensure_future(self._collect(r, track)) for r in requests]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in tasks:
@@ -221,20 +233,28 @@ class Infer:
         self, req: GenerateRequest, *, add_special_tokens: bool = True
     ) -> GenerateOutput:
         """Collect a whole generation (best_of siblings concurrently); chat passes False."""
+        with self.telemetry.track(req.inputs, stream=False) as track:
+            return await self._generate(req, add_special_tokens, track)
+
+    async def _generate(
+        self, req: GenerateRequest, add_special_tokens: bool, track: RequestTracker
+    ) -> GenerateOutput:
         start = time.monotonic()
         with self.limiter.permit():
             request = await self.validate(req, add_special_tokens=add_special_tokens)
+            track.validated(request)
             best_of = req.parameters.best_of or 1
             # TGI takes one permit per sibling: best_of costs as much as best_of requests.
             with self.limiter.permit(best_of - 1):
                 if best_of == 1:
-                    generations = [await self._collect(request)]
+                    generations = [await self._collect(request, track)]
                 else:
                     generations = await self._collect_all(
-                        [reseeded(request) for _ in range(best_of)]
+                        [reseeded(request) for _ in range(best_of)], track
                     )
         end = time.monotonic()
         best = max(generations, key=lambda g: g.mean_logprob)
+        track.ended(best.generated, best.queued_at, best.started_at)
         others = [g for g in generations if g is not best]
         response = self._response(req, best, others)
         # The backend's stamps are clamped into [start, end] so headers can never go negative.
@@ -284,14 +304,18 @@ class Infer:
         self, req: GenerateRequest, *, add_special_tokens: bool = True
     ) -> AsyncIterator[schemas.StreamResponse]:
         """Stream responses, index from 1; the permit is held until the stream is closed."""
-        with self.limiter.permit():
+        with self.telemetry.track(req.inputs, stream=True) as track, self.limiter.permit():
             request = await self.validate(req, stream=True, add_special_tokens=add_special_tokens)
+            track.validated(request)
             index = 0
-            async with self._scheduled(request) as events:
+            async with self._scheduled(request, track) as events:
                 async for event in events:
                     if isinstance(event, PrefillEvent):
                         continue
                     index += 1
+                    track.token(request)
+                    if isinstance(event, EndEvent):
+                        track.ended(event.generated_text, event.queued_at, event.started_at)
                     yield self._stream_response(req, request, index, event)
                     if isinstance(event, EndEvent):
                         return

@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 import uvicorn
-from prometheus_client import start_http_server
 
 from tgserve.router.app import create_app
 from tgserve.router.draining import DrainMiddleware
 from tgserve.router.infer import Infer
-from tgserve.router.metrics import Metrics, MetricsObserver
+from tgserve.router.metrics import Metrics, MetricsObserver, start_metrics_server
+from tgserve.router.observe import Telemetry
+from tgserve.router.request_id import RequestIdFilter
 from tgserve.router.scheduler import (
     Scheduler,
     SchedulerSettings,
@@ -27,6 +28,7 @@ from tgserve.router.scheduler import (
 from tgserve.router.settings import RouterSettings
 from tgserve.router.shard_client import ShardClient
 from tgserve.router.tokenization import load as load_tokenizer
+from tgserve.router.tracing import TracedShardClient, scheduler_lookup, setup_tracing
 from tgserve.router.types import ShardInfo
 
 log = logging.getLogger("tgserve.router")
@@ -61,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer-config-path")
     p.add_argument("--cors-allow-origin", action="append", default=[])
     p.add_argument("--json-output", action="store_true")
+    p.add_argument("--log-prompts", action="store_true")
     p.add_argument("--disable-grammar-support", action="store_true")
     return p.parse_args(argv)
 
@@ -132,9 +135,15 @@ async def serve(args: argparse.Namespace) -> int:
     metrics = Metrics.create(settings.max_input_tokens, settings.max_total_tokens)
     metrics.batch_max_total_tokens.set(settings.max_batch_total_tokens)
     metrics.kv_blocks_total.set(settings.max_batch_total_tokens // settings.block_size)
-    scheduler = Scheduler(client, settings, observer=MetricsObserver(metrics))
+    tracing = setup_tracing(args.otlp_endpoint, args.otlp_service_name)
+    telemetry = Telemetry(metrics, tracing.tracer if tracing else None, args.log_prompts)
+    backend = TracedShardClient(client, telemetry.traces) if tracing else client
+    scheduler = Scheduler(backend, settings, observer=MetricsObserver(metrics))
+    if isinstance(backend, TracedShardClient):
+        backend.lookup = scheduler_lookup(scheduler)
     scheduler.start()
-    infer = Infer(scheduler, tokenizer, router_settings.limits(), args.max_concurrent_requests)
+    infer = Infer(scheduler, tokenizer, router_settings.limits(), args.max_concurrent_requests,
+                  telemetry=telemetry)
     extra = model_info(args, info)
     extra["max_batch_total_tokens"] = settings.max_batch_total_tokens
     app = create_app(infer, extra, router_settings)
@@ -154,6 +163,8 @@ async def serve(args: argparse.Namespace) -> int:
         await scheduler.stop()
         await client.close()
         tokenizer.close()
+        if tracing is not None:
+            tracing.shutdown()
     return 0
 
 
@@ -173,7 +184,7 @@ def _start_prometheus(port: int, host: str) -> None:
     if port <= 0:
         return
     try:
-        start_http_server(port, addr=host)
+        start_metrics_server(port, host)
     except OSError as e:  # a busy metrics port must not take the API down
         log.warning("cannot listen for Prometheus on port %d: %s (/metrics still works)", port, e)
 
@@ -182,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from tgserve.logs import setup_logging
 
-    setup_logging(json_output=args.json_output, component="router")
+    setup_logging(json_output=args.json_output, component="router", filters=[RequestIdFilter()])
     if args.tokenizer_config_path:
         json.loads(Path(args.tokenizer_config_path).read_text())  # fail early on a bad file
     return asyncio.run(serve(args))

@@ -1,12 +1,33 @@
-"""Every Prometheus metric of the router, declared once with TGI's names; call sites only observe."""
+"""Every Prometheus metric of the router, declared once with TGI's names, and their exposition."""
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.metrics_core import Metric
 
 from tgserve.router.shard_client import ShardTimings
+
+
+# Label values known in advance, exported at zero from the start so dashboards and rate() see them.
+FAILURE_KINDS = ("validation", "overloaded", "generation", "incomplete", "dropped", "template")
+REJECT_REASONS = ("validation", "overloaded")
+CANCEL_REASONS = ("client_disconnected",)
+STEP_METHODS = ("prefill", "decode")
+CONCAT_REASONS = ("backpressure", "wait_exceeded")
 
 
 def duration_buckets() -> list[float]:
@@ -55,6 +76,7 @@ class Metrics:
     kv_blocks_total: Gauge
     requests_cancelled: Counter
     requests_rejected: Counter
+    shard_forward_duration: Histogram
 
     @classmethod
     def create(
@@ -63,10 +85,12 @@ class Metrics:
         d = duration_buckets()
         r = registry
 
-        def hist(name: str, doc: str, buckets: list[float], labels: tuple[str, ...] = ()) -> Histogram:
+        def hist(
+            name: str, doc: str, buckets: list[float], labels: tuple[str, ...] = ()
+        ) -> Histogram:
             return Histogram(name, doc, labels, buckets=buckets, registry=r)
 
-        return cls(
+        metrics = cls(
             registry=r,
             request_count=Counter("tgi_request_count", "Requests received", registry=r),
             request_success=Counter("tgi_request_success", "Requests that succeeded", registry=r),
@@ -121,12 +145,92 @@ class Metrics:
             inter_token_latency=hist("tgserve_request_inter_token_latency_seconds",
                                      "Seconds between streamed tokens", d),
             kv_blocks_used=Gauge("tgserve_kv_blocks_used", "KV cache blocks in use", registry=r),
-            kv_blocks_total=Gauge("tgserve_kv_blocks_total", "KV cache blocks", registry=r),
+            kv_blocks_total=Gauge("tgserve_kv_blocks_capacity", "KV cache blocks", registry=r),
             requests_cancelled=Counter("tgserve_requests_cancelled",
                                        "Requests whose client left", ["reason"], registry=r),
             requests_rejected=Counter("tgserve_requests_rejected",
                                       "Requests refused before queueing", ["reason"], registry=r),
+            shard_forward_duration=hist("tgserve_shard_forward_duration_seconds",
+                                        "Model forward seconds of each shard", d,
+                                        ("method", "shard")),
         )
+        metrics._touch_labels()
+        return metrics
+
+    def _touch_labels(self) -> None:
+        for err in FAILURE_KINDS:
+            self.request_failure.labels(err=err)
+        for reason in REJECT_REASONS:
+            self.requests_rejected.labels(reason=reason)
+        for reason in CONCAT_REASONS:
+            self.batch_concat.labels(reason=reason)
+        for reason in CANCEL_REASONS:
+            self.requests_cancelled.labels(reason=reason)
+        for method in STEP_METHODS:
+            for counter in (self.batch_inference_count, self.batch_inference_success,
+                            self.batch_inference_failure):
+                counter.labels(method=method)
+
+
+# ---- exposition: TGI's exact names --------------------------------------------------------
+
+log = logging.getLogger(__name__)
+
+
+class _Families:
+    """A collector over families already collected (what generate_latest takes)."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self.families = list(families)
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def _tgi_counter(family: Metric) -> bytes:
+    # prometheus_client would export `<name>_total`; TGI's exporter adds no suffix, and TGI's
+    # dashboards query the bare name. Rendered as a gauge (same text), then retyped.
+    bare = Metric(family.name, family.documentation, "gauge")
+    bare.samples = [s._replace(name=family.name) if s.name == family.name + "_total" else s
+                    for s in family.samples]
+    text = generate_latest(_Families([bare])).decode("utf-8")
+    return text.replace(f"# TYPE {family.name} gauge\n", f"# TYPE {family.name} counter\n",
+                        1).encode("utf-8")
+
+
+def exposition(registry: CollectorRegistry = REGISTRY) -> bytes:
+    """Prometheus text format 0.0.4: `tgi_*` counters under TGI's bare names, no `_created`."""
+    out = []
+    for family in registry.collect():
+        family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+        if family.type == "counter" and family.name.startswith("tgi_"):
+            out.append(_tgi_counter(family))
+        else:
+            out.append(generate_latest(_Families([family])))
+    return b"".join(out)
+
+
+def start_metrics_server(
+    port: int, host: str, registry: CollectorRegistry = REGISTRY
+) -> ThreadingHTTPServer:
+    """The --prometheus-port listener: the same text as /metrics, on any path."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            body = exposition(registry)
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass  # one line per scrape would drown the request log
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="prometheus", daemon=True).start()
+    return server
 
 
 class MetricsObserver:
@@ -153,6 +257,10 @@ class MetricsObserver:
         self.m.batch_inference_success.labels(method=method).inc()
         self.m.batch_inference_duration.labels(method=method).observe(duration)
         self.m.batch_forward_duration.labels(method=method).observe(timings.forward_ns / 1e9)
+        for shard, forward_ns in enumerate(timings.forward_ns_per_shard):
+            self.m.shard_forward_duration.labels(method=method, shard=str(shard)).observe(
+                forward_ns / 1e9
+            )
         self.m.batch_decode_duration.labels(method=method).observe(timings.decode_ns / 1e9)
         if timings.concat_ns is not None:
             # TGI files every concat under method="decode".
@@ -176,5 +284,6 @@ class MetricsObserver:
         self.m.kv_blocks_total.set(total)
 
     def on_request_dropped(self) -> None:
-        self.m.request_failure.labels(err="dropped").inc()
-        self.m.requests_cancelled.labels(reason="client_disconnected").inc()
+        # Counted once per HTTP request by observe.RequestTracker, which also sees requests that
+        # leave during validation; counting here too would count best_of siblings twice.
+        pass

@@ -31,6 +31,8 @@ CHANNEL_OPTIONS = (
 
 T = TypeVar("T")
 Stub = generate_pb2_grpc.TextGenerationServiceStub
+# gRPC call metadata, e.g. (("traceparent", "00-..."),) so the shards continue the router's trace.
+Metadata = Sequence[tuple[str, str]]
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class ShardTimings:
     decode_ns: int
     total_ns: int
     concat_ns: int | None = None
+    forward_ns_per_shard: tuple[int, ...] = ()  # by rank
 
 
 @dataclass(frozen=True)
@@ -140,14 +143,19 @@ class ShardClient:
         )
 
     async def prefill(
-        self, batch: generate_pb2.Batch, cached_batch: generate_pb2.CachedBatch | None = None
+        self,
+        batch: generate_pb2.Batch,
+        cached_batch: generate_pb2.CachedBatch | None = None,
+        metadata: Metadata | None = None,
     ) -> StepResult:
         request = generate_pb2.PrefillRequest(batch=batch, cached_batch=cached_batch)
-        return _merge(await self._all(lambda s: s.Prefill(request)))
+        return _merge(await self._all(lambda s: s.Prefill(request, metadata=metadata)))
 
-    async def decode(self, batches: Sequence[generate_pb2.CachedBatch]) -> StepResult:
+    async def decode(
+        self, batches: Sequence[generate_pb2.CachedBatch], metadata: Metadata | None = None
+    ) -> StepResult:
         request = generate_pb2.DecodeRequest(batches=batches)
-        return _merge(await self._all(lambda s: s.Decode(request)))
+        return _merge(await self._all(lambda s: s.Decode(request, metadata=metadata)))
 
 
 def open_channel(address: str) -> grpc.aio.Channel:
@@ -167,6 +175,7 @@ def _merge(
         decode_ns=max(a.decode_ns for a in answers),
         total_ns=max(a.total_ns for a in answers),
         concat_ns=max(concat) if concat else None,
+        forward_ns_per_shard=tuple(a.forward_ns for a in answers),
     )
     return StepResult(generations, batch, timings)
 

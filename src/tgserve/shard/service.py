@@ -6,12 +6,15 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import torch
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from tgserve.pb import generate_pb2 as pb
 from tgserve.pb import generate_pb2_grpc as pb_grpc
+from tgserve.router.tracing import context_from_metadata
 from tgserve.shard.batch import Batch
 from tgserve.shard.generation import Generation, StepTimings, Tokens
 from tgserve.shard.generator import Generator, NewRequest, ShardError, warmup
@@ -77,10 +80,32 @@ def cached_batch_pb(batch: Batch | None) -> pb.CachedBatch | None:
 class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
     """Steps run one at a time in a worker thread so the event loop keeps answering Health/Info."""
 
-    def __init__(self, generator: Generator, settings: ShardSettings) -> None:
+    def __init__(self, generator: Generator, settings: ShardSettings, tracer: Any = None) -> None:
         self.generator = generator
         self.settings = settings
+        self.tracer = tracer  # an OpenTelemetry Tracer when --otlp-endpoint is set
         self._lock = asyncio.Lock()
+
+    async def _traced_step(  # type: ignore[no-untyped-def]
+        self, name: str, context, size: int, fn, *args
+    ):
+        """A step in a span that continues the router's trace (traceparent in the metadata)."""
+        if self.tracer is None:
+            return await self._run(context, fn, *args)
+        parent = context_from_metadata(context.invocation_metadata())
+        span = self.tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes={
+            "tgserve.rank": self.settings.rank, "tgserve.batch_size": size})
+        try:
+            result = await self._run(context, fn, *args)
+            timings: StepTimings = result[2]
+            span.set_attributes({"tgserve.forward_ns": timings.forward_ns,
+                                 "tgserve.decode_ns": timings.decode_ns})
+            return result
+        except BaseException as e:
+            span.set_status(Status(StatusCode.ERROR, str(e) or type(e).__name__))
+            raise
+        finally:
+            span.end()
 
     async def _run(self, context: grpc.aio.ServicerContext, fn, *args):  # type: ignore[no-untyped-def]
         async with self._lock:
@@ -134,12 +159,14 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         if request.HasField("cached_batch"):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "chunked prefill is not supported")
         reqs = [new_request(r, self.generator.tokenizer) for r in request.batch.requests]
-        result = await self._run(context, self.generator.prefill, request.batch.id, reqs)
+        result = await self._traced_step("Prefill", context, len(reqs), self.generator.prefill,
+                                         request.batch.id, reqs)
         return _step_response(pb.PrefillResponse, *self._owned(*result))
 
     async def Decode(self, request, context):  # type: ignore[no-untyped-def]
         ids = [b.id for b in request.batches]
-        result = await self._run(context, self.generator.decode, ids)
+        size = sum(len(b.request_ids) for b in request.batches)
+        result = await self._traced_step("Decode", context, size, self.generator.decode, ids)
         return _step_response(pb.DecodeResponse, *self._owned(*result))
 
     def _owned(self, generations: Sequence[Generation], batch: Batch | None,

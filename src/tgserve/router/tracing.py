@@ -1,0 +1,191 @@
+"""OpenTelemetry tracing: OTLP/gRPC export, W3C traceparent in and out, per-request phase spans."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from tgserve.pb import generate_pb2
+from tgserve.router.shard_client import Metadata, StepResult
+
+log = logging.getLogger(__name__)
+
+PROPAGATOR = TraceContextTextMapPropagator()
+# A request's phases, in the only order they can happen.
+PHASES = ("validation", "queue", "prefill", "decode")
+# Spans reach the collector within about this long; TGI's exporter default is 5 s.
+EXPORT_DELAY_MS = 1000
+
+
+@dataclass
+class Tracing:
+    """A tracer of our own (no global provider), and the provider to flush at exit."""
+
+    tracer: Tracer
+    provider: Any  # opentelemetry.sdk.trace.TracerProvider
+
+    def shutdown(self) -> None:
+        try:
+            self.provider.shutdown()
+        except Exception:  # noqa: BLE001 - a dead collector must not fail the shutdown
+            log.warning("flushing traces failed", exc_info=True)
+
+
+def setup_tracing(endpoint: str | None, service_name: str) -> Tracing | None:
+    """OTLP over gRPC to `endpoint` (e.g. http://127.0.0.1:4317), every span sampled; None: off."""
+    if not endpoint:
+        return None
+    # The SDK is imported only when tracing is on: it costs start-up time otherwise.
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+    insecure = not endpoint.startswith("https://")
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": service_name}), sampler=ALWAYS_ON
+    )
+    exporter = OTLPSpanExporter(endpoint=endpoint, insecure=insecure)
+    provider.add_span_processor(
+        BatchSpanProcessor(exporter, schedule_delay_millis=EXPORT_DELAY_MS)
+    )
+    log.info("exporting traces to %s as %r", endpoint, service_name)
+    return Tracing(provider.get_tracer("tgserve"), provider)
+
+
+def context_from_traceparent(
+    traceparent: str | None, tracestate: str | None = None
+) -> Context | None:
+    """The remote parent a W3C `traceparent` names; None when absent or malformed."""
+    if not traceparent:
+        return None
+    carrier = {"traceparent": traceparent}
+    if tracestate:
+        carrier["tracestate"] = tracestate
+    context = PROPAGATOR.extract(carrier)
+    if not trace.get_current_span(context).get_span_context().is_valid:
+        return None
+    return context
+
+
+def context_from_metadata(metadata: Sequence[tuple[str, Any]] | None) -> Context | None:
+    """The parent context the router put into a gRPC call's metadata (shard side)."""
+    found: dict[str, str] = {}
+    for key, value in metadata or ():
+        if key in ("traceparent", "tracestate"):
+            found[key] = value.decode() if isinstance(value, bytes) else str(value)
+    return context_from_traceparent(found.get("traceparent"), found.get("tracestate"))
+
+
+def span_metadata(span: Span) -> list[tuple[str, str]]:
+    """`span` as gRPC metadata, so that the callee's spans become its children."""
+    carrier: dict[str, str] = {}
+    PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+    return sorted(carrier.items())
+
+
+@dataclass(eq=False)
+class RequestTrace:
+    """One request's span and its current phase's child span (validation → … → decode)."""
+
+    tracer: Tracer
+    span: Span
+    phase: str = ""
+    phase_span: Span | None = None
+
+    @classmethod
+    def start(
+        cls, tracer: Tracer, name: str, parent: Context | None, attributes: Mapping[str, Any]
+    ) -> RequestTrace:
+        span = tracer.start_span(name, context=parent, kind=SpanKind.SERVER,
+                                 attributes=dict(attributes))
+        return cls(tracer, span)
+
+    def enter(self, phase: str) -> None:
+        """End the current phase's span and open `phase`'s; phases never go back."""
+        if phase not in PHASES or (self.phase and PHASES.index(phase) <= PHASES.index(self.phase)):
+            return
+        if self.phase_span is not None:
+            self.phase_span.end()
+        self.phase = phase
+        self.phase_span = self.tracer.start_span(
+            phase, context=trace.set_span_in_context(self.span)
+        )
+
+    def metadata(self) -> list[tuple[str, str]]:
+        return span_metadata(self.phase_span or self.span)
+
+    def end(self, attributes: Mapping[str, Any], error: str | None = None) -> None:
+        if self.phase_span is not None:
+            self.phase_span.end()
+            self.phase_span = None
+        self.span.set_attributes(dict(attributes))
+        if error is not None:
+            self.span.set_status(Status(StatusCode.ERROR, error))
+        self.span.end()
+
+
+# Traces of the requests in flight, keyed by id() of the ValidRequest each was scheduled with.
+TraceRegistry = dict[int, RequestTrace]
+# Which ValidRequest a gRPC request id stands for (None: unknown, e.g. warmup or health).
+RequestLookup = Callable[[int], object | None]
+
+
+def scheduler_lookup(scheduler: Any) -> RequestLookup:
+    """Request ids → ValidRequests through the scheduler's batches in flight.
+
+    It reads the Scheduler's `_running`/`_joining` entries: the scheduler offers no public way
+    yet, and the alternative (threading trace contexts through queue entries) means editing it.
+    """
+
+    def lookup(request_id: int) -> object | None:
+        for name in ("_running", "_joining"):
+            entry = getattr(scheduler, name, {}).get(request_id)
+            if entry is not None:
+                return entry.request
+        return None
+
+    return lookup
+
+
+@dataclass
+class TracedShardClient:
+    """Wraps the shard client: each step moves its requests' phases and carries a traceparent.
+
+    The shards' span of a step becomes a child of the phase span of the batch's first traced
+    request (a step serves many requests but a span has one parent).
+    """
+
+    client: Any  # ShardClient
+    traces: TraceRegistry
+    lookup: RequestLookup = field(default=lambda _id: None)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+    def _step(self, phase: str, request_ids: Sequence[int]) -> Metadata | None:
+        if not self.traces:
+            return None
+        found = (self.traces.get(id(self.lookup(i))) for i in request_ids)
+        traces = [t for t in found if t is not None]
+        for t in traces:
+            t.enter(phase)
+        return traces[0].metadata() if traces else None
+
+    async def prefill(
+        self, batch: generate_pb2.Batch, cached_batch: generate_pb2.CachedBatch | None = None
+    ) -> StepResult:
+        metadata = self._step("prefill", [r.id for r in batch.requests])
+        return await self.client.prefill(batch, cached_batch, metadata=metadata)
+
+    async def decode(self, batches: Sequence[generate_pb2.CachedBatch]) -> StepResult:
+        metadata = self._step("decode", [i for b in batches for i in b.request_ids])
+        return await self.client.decode(batches, metadata=metadata)
