@@ -13,6 +13,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tgserve import __version__
 from tgserve.router.api.native import native_router
+from tgserve.router.api.openai import openai_router
+from tgserve.router.chat import ChatTemplate, load_chat_template
 from tgserve.router.errors import PayloadTooLargeError, error_info, install_error_handlers
 from tgserve.router.infer import Infer
 from tgserve.router.metrics import exposition
@@ -124,7 +126,13 @@ def build_info(settings: RouterSettings, info: dict[str, Any]) -> Info:
     return Info(**(base | info))
 
 
-def create_app(infer: Infer, info: dict[str, Any], settings: RouterSettings) -> FastAPI:
+def create_app(
+    infer: Infer,
+    info: dict[str, Any],
+    settings: RouterSettings,
+    chat_template: ChatTemplate | None = None,
+) -> FastAPI:
+    """`chat_template` None: the tokenizer's own, if it has one."""
     app = FastAPI(
         title="Text Generation Inference",
         description="Text Generation Webserver",
@@ -142,6 +150,9 @@ def create_app(infer: Infer, info: dict[str, Any], settings: RouterSettings) -> 
     )
     app.include_router(generation)
     app.include_router(open_routes)
+    template = chat_template or load_chat_template(None, infer.tokenizer.tokenizer)
+    for router in openai_router(infer, settings, template):
+        app.include_router(router)
 
     @app.get(
         "/metrics",

@@ -13,6 +13,7 @@ from pathlib import Path
 import uvicorn
 
 from tgserve.router.app import create_app
+from tgserve.router.chat import load_chat_template
 from tgserve.router.draining import DrainMiddleware
 from tgserve.router.infer import Infer
 from tgserve.router.metrics import Metrics, MetricsObserver, start_metrics_server
@@ -146,7 +147,12 @@ async def serve(args: argparse.Namespace) -> int:
                   telemetry=telemetry)
     extra = model_info(args, info)
     extra["max_batch_total_tokens"] = settings.max_batch_total_tokens
-    app = create_app(infer, extra, router_settings)
+    chat_template = load_chat_template(
+        args.tokenizer_name, tokenizer.tokenizer, args.tokenizer_config_path
+    )
+    if chat_template is None:
+        log.warning("the model has no chat template: /v1/chat/completions will answer 400")
+    app = create_app(infer, extra, router_settings, chat_template)
     drain = DrainMiddleware(app)
     _start_prometheus(args.prometheus_port, args.hostname)
     server = uvicorn.Server(uvicorn.Config(drain, host=args.hostname, port=args.port,
@@ -195,5 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(json_output=args.json_output, component="router", filters=[RequestIdFilter()])
     if args.tokenizer_config_path:
-        json.loads(Path(args.tokenizer_config_path).read_text())  # fail early on a bad file
+        # Fail early on a bad file (a .jinja template is read as it is).
+        if not args.tokenizer_config_path.endswith(".jinja"):
+            json.loads(Path(args.tokenizer_config_path).read_text())
     return asyncio.run(serve(args))

@@ -1,0 +1,309 @@
+"""Thin handlers for the OpenAI-compatible routes: /v1/chat/completions, /v1/completions, models."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import ExitStack
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+
+from tgserve import __version__
+from tgserve.router.api.native import CLIENT_CLOSED_REQUEST, until_disconnected
+from tgserve.router.chat import ChatTemplate, RequestError
+from tgserve.router.errors import ValidationError, error_info
+from tgserve.router.infer import Infer
+from tgserve.router.openai_params import Plan, PlanLimits, chat_plan, chat_prompt, completion_plan
+from tgserve.router.openai_run import (
+    CompletionOffsets,
+    Run,
+    SSEChunks,
+    accumulate,
+    chat_choices,
+    chat_logprobs,
+    chosen,
+)
+from tgserve.router.openai_schemas import (
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChatTokenizeResponse,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    OpenAIErrorResponse,
+)
+from tgserve.router.schemas import SimpleToken
+from tgserve.router.settings import RouterSettings
+from tgserve.router.streaming import SSEResponse
+from tgserve.router.types import GenerationError, IncompleteGenerationError, OverloadedError
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------- errors
+
+_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
+          429: "rate_limit_error"}
+
+
+def openai_error(exc: BaseException) -> tuple[int, dict[str, Any]]:
+    """(status, body) in OpenAI's shape; validation is a 400, as OpenAI answers."""
+    param = code = None
+    if isinstance(exc, RequestError):
+        status, message, param, code = 400, str(exc), exc.param, exc.code or "invalid_request"
+    elif isinstance(exc, ValidationError):
+        status, message, code = 400, str(exc), "invalid_request"
+    else:
+        info = error_info(exc)
+        status, message, code = info.status, info.message, info.error_type
+        if isinstance(exc, (GenerationError, IncompleteGenerationError)):
+            status = 500  # TGI's 424 is a server failure all the same
+    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return status, body
+
+
+def error_json(exc: BaseException) -> JSONResponse:
+    status, body = openai_error(exc)
+    headers = {"retry-after": "1"} if isinstance(exc, OverloadedError) else None
+    return JSONResponse(status_code=status, content=body, headers=headers)
+
+
+_TYPE_TAGS = ("str", "int", "float", "bool", "list", "dict", "none", "function")
+
+
+def _param(loc: tuple[Any, ...]) -> str:
+    """pydantic's error location as OpenAI's `param` (messages[0].content), union tags dropped."""
+    out = ""
+    for part in loc[1:] if loc[:1] == ("body",) else loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not any(str(part).startswith(t) for t in _TYPE_TAGS) or not out:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def body_error(errors: list[dict[str, Any]]) -> RequestError:
+    first = errors[0] if errors else {"type": "missing", "loc": ("body",)}
+    param = _param(tuple(first.get("loc", ())))
+    kind = first.get("type")
+    if kind == "json_invalid":
+        return RequestError("the request body is not valid JSON", None, "invalid_json")
+    if not param:
+        return RequestError("the request body must be a JSON object", None)
+    if kind == "extra_forbidden":
+        return RequestError(f"Unrecognized request argument supplied: {param}", param)
+    if kind == "missing":
+        return RequestError(f"Missing required parameter: '{param}'", param)
+    return RequestError(f"Invalid value for '{param}': {first.get('msg', 'invalid value')}", param)
+
+
+class OpenAIRoute(APIRoute):
+    """Every error of these routes, body parsing included, in OpenAI's shape."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                return error_json(body_error(list(exc.errors())))
+            except HTTPException:
+                raise
+            except Exception as exc:
+                if not isinstance(exc, (ValidationError, OverloadedError)):
+                    log.exception("%s %s failed", request.method, request.url.path)
+                return error_json(exc)
+
+        return route
+
+
+ERROR_DOCS: dict[int | str, dict[str, Any]] = {
+    status: {"model": OpenAIErrorResponse, "description": description}
+    for status, description in (
+        (400, "Invalid request (the `param` names the field)"),
+        (429, "Model is overloaded"),
+        (500, "Generation failed"),
+    )
+}
+
+# ---------------------------------------------------------------- responses
+
+
+def _ids(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class _Meta(BaseModel):
+    id: str
+    created: int
+    model: str
+    system_fingerprint: str
+
+
+def _headers(plan: Plan, compute_type: str, run: Run | None = None) -> dict[str, str]:
+    headers = {"x-compute-type": compute_type, "x-compute-characters": str(plan.characters),
+               "x-prompt-tokens": str(plan.prompt_tokens)}
+    if run is None:
+        headers["X-Accel-Buffering"] = "no"
+    else:
+        headers["x-generated-tokens"] = str(run.completion_tokens)
+    return headers
+
+
+async def chat_chunks(run: Run, meta: _Meta) -> AsyncIterator[BaseModel]:
+    async for choice, delta in run.deltas():
+        logprobs = chat_logprobs(list(delta.logprobs)) if run.plan.want_logprobs else None
+        yield ChatCompletionChunk(
+            **meta.model_dump(),
+            choices=[ChatChunkChoice(index=choice.index, delta=ChatDelta(content=delta.text),
+                                     logprobs=logprobs, finish_reason=delta.finish_reason)],
+        )
+    if run.plan.include_usage:
+        yield ChatCompletionChunk(**meta.model_dump(), choices=[], usage=run.usage())
+
+
+async def completion_chunks(run: Run, meta: _Meta) -> AsyncIterator[BaseModel]:
+    offsets = [CompletionOffsets(len(c.echo or "")) for c in run.plan.choices]
+    async for choice, delta in run.deltas():
+        logprobs = offsets[choice.index].shape(delta.logprobs) if run.plan.want_logprobs else None
+        yield Completion(
+            **meta.model_dump(),
+            choices=[CompletionChoice(index=choice.index, text=delta.text, logprobs=logprobs,
+                                      finish_reason=delta.finish_reason)],
+        )
+    if run.plan.include_usage:
+        yield Completion(**meta.model_dump(), choices=[], usage=run.usage())
+
+
+def completion_choices(run: Run, results: list[Any]) -> list[CompletionChoice]:
+    out = []
+    for index, choice, result in chosen(run, results):
+        offsets = CompletionOffsets(len(choice.echo or ""))
+        logprobs = offsets.shape(result.logprobs) if run.plan.want_logprobs else None
+        out.append(CompletionChoice(index=index, text=result.text, logprobs=logprobs,
+                                    finish_reason=result.finish_reason or "stop"))
+    return out
+
+
+# ---------------------------------------------------------------- routes
+
+
+def openai_router(
+    infer: Infer, settings: RouterSettings, template: ChatTemplate | None
+) -> tuple[APIRouter, APIRouter]:
+    """(generation routes, which take the API key; open routes, which never do)."""
+    generation = APIRouter(tags=["OpenAI"], route_class=OpenAIRoute)
+    open_routes = APIRouter(tags=["OpenAI"], route_class=OpenAIRoute)
+    caps = PlanLimits(infer.limits, settings.max_concurrent_requests,
+                      settings.max_client_batch_size)
+    model_id = settings.model_id
+    fingerprint = f"{__version__}-native"
+    created_at = int(time.time())
+
+    def meta(prefix: str) -> _Meta:
+        return _Meta(id=_ids(prefix), created=int(time.time()), model=model_id,
+                     system_fingerprint=fingerprint)
+
+    async def execute(
+        request: Request,
+        plan: Plan,
+        prefix: str,
+        chunks: Callable[[Run, _Meta], AsyncIterator[BaseModel]],
+        whole: Callable[[Run, _Meta], Awaitable[BaseModel]],
+        inputs: str,
+    ) -> Response:
+        stack = ExitStack()
+        client_left = False
+        try:
+            track = stack.enter_context(infer.telemetry.track(inputs, plan.stream))
+            track.validated(plan.choices[0].request)
+            stack.enter_context(infer.limiter.permit(len(plan.choices)))
+            run = Run(infer, plan, track)
+            if plan.stream:
+                events = SSEChunks(chunks(run, meta(prefix)), stack, lambda e: openai_error(e)[1])
+                return SSEResponse(events, headers=_headers(plan, settings.compute_type))
+            finished, body = await until_disconnected(request, whole(run, meta(prefix)))
+            if not finished or body is None:
+                client_left = True
+                raise asyncio.CancelledError()  # recorded as dropped, as the native routes do
+        except BaseException as exc:
+            stack.__exit__(type(exc), exc, exc.__traceback__)
+            if client_left:
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
+            raise
+        stack.close()
+        return Response(content=body.model_dump_json(), media_type="application/json",
+                        headers=_headers(plan, settings.compute_type, run))
+
+    async def plan_or_fail(inputs: str, fn: Callable[..., Plan], *args: Any) -> Plan:
+        try:
+            return await infer.tokenizer.run(fn, *args)
+        except Exception as exc:
+            infer.telemetry.request_failed(exc, inputs)
+            raise
+
+    @generation.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERROR_DOCS,
+                     summary="Generate a chat completion (OpenAI compatible)")
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+        plan = await plan_or_fail("", chat_plan, req, template, infer.tokenizer, caps)
+
+        async def whole(run: Run, m: _Meta) -> BaseModel:
+            results = await accumulate(run)
+            return ChatCompletion(**m.model_dump(), choices=chat_choices(run, results),
+                                  usage=run.usage())
+
+        return await execute(request, plan, "chatcmpl", chat_chunks, whole,
+                             plan.choices[0].request.inputs)
+
+    @generation.post("/v1/completions", response_model=Completion, responses=ERROR_DOCS,
+                     summary="Complete a prompt (OpenAI compatible)")
+    async def completions(req: CompletionRequest, request: Request) -> Response:
+        plan = await plan_or_fail("", completion_plan, req, infer.tokenizer, caps)
+
+        async def whole(run: Run, m: _Meta) -> BaseModel:
+            results = await accumulate(run)
+            return Completion(**m.model_dump(), choices=completion_choices(run, results),
+                              usage=run.usage())
+
+        return await execute(request, plan, "cmpl", completion_chunks, whole,
+                             plan.choices[0].request.inputs)
+
+    @open_routes.get("/v1/models", response_model=ModelList, summary="The served model")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=model_id, created=created_at, owned_by=model_id)])
+
+    @open_routes.get("/v1/models/{name:path}", response_model=ModelCard, responses=ERROR_DOCS,
+                     summary="One model")
+    async def model(name: str) -> Response:
+        if name != model_id:
+            body = {"error": {"message": f"The model '{name}' does not exist", "param": "model",
+                              "type": "not_found_error", "code": "model_not_found"}}
+            return JSONResponse(status_code=404, content=body)
+        card = ModelCard(id=model_id, created=created_at, owned_by=model_id)
+        return JSONResponse(card.model_dump())
+
+    @open_routes.post("/chat_tokenize", response_model=ChatTokenizeResponse, responses=ERROR_DOCS,
+                      summary="Template and tokenize a chat request")
+    async def chat_tokenize(req: ChatCompletionRequest) -> ChatTokenizeResponse:
+        text = await infer.tokenizer.run(chat_prompt, req, template)
+        tokens = await infer.tokenizer.tokenize_async(text, False)
+        return ChatTokenizeResponse(
+            tokenize_response=[SimpleToken(**t) for t in tokens], templated_text=text
+        )
+
+    return generation, open_routes
