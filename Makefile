@@ -8,7 +8,7 @@ PORT ?= 8080
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test proto lint clean bench peers
+.PHONY: install serve test proto lint clean bench peers tools
 
 $(STAMP): pyproject.toml proto/generate.proto
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,14 @@ $(STAMP): pyproject.toml proto/generate.proto
 	$(MAKE) proto
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) tools
+
+# promtool (Debian package `prometheus`) lints the /metrics exposition in the tests; installed when
+# missing and apt-get is there. Without it the test skips, and fails under CI=true.
+tools:
+	@command -v promtool >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+		(apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends prometheus >/dev/null) || true
 
 proto:
 	$(PY) -m grpc_tools.protoc -Itgserve/pb=proto --python_out=src --pyi_out=src \
@@ -30,7 +37,7 @@ proto:
 serve: $(STAMP)
 	$(VENV)/bin/tgserve --port $(PORT)
 
-test: $(STAMP)
+test: $(STAMP) tools
 	bash scripts/run_tests.sh
 
 lint: $(STAMP)

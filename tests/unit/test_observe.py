@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from argparse import Namespace
 from pathlib import Path
 from typing import Any
@@ -270,3 +271,30 @@ def test_launcher_passes_tracing_and_prompt_flags() -> None:
     assert router[router.index("--otlp-endpoint") + 1] == "http://127.0.0.1:4317"
     assert "--log-prompts" not in router_argv(parse([]), source)
     assert shard_service_name("mine") == "mine.server"
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def declared_metrics() -> set[str]:
+    registry = CollectorRegistry()
+    Metrics.create(10, 20, registry)
+    return {family.name for family in registry.collect()}
+
+
+def test_docs_list_every_metric() -> None:
+    text = (ROOT / "docs" / "metrics.md").read_text()
+    documented = set(re.findall(r"^\| `((?:tgi|tgserve)_\w+)`", text, re.M))
+    documented = {name.removesuffix("_total") for name in documented}
+    assert documented == declared_metrics()
+
+
+def test_dashboard_queries_only_declared_metrics() -> None:
+    dashboard = json.loads((ROOT / "docs" / "grafana" / "tgserve.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    used = {re.sub(r"_(bucket|sum|count|total)$", "", name)
+            for e in exprs for name in re.findall(r"\b(?:tgi|tgserve)_\w+", e)}
+    declared = declared_metrics()
+    # A histogram's own name may end in _count (tgi_batch_inference_count is a counter).
+    unknown = {n for n in used if n not in declared and n + "_count" not in declared}
+    assert not unknown and len(used) >= 25

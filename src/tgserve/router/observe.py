@@ -172,10 +172,8 @@ class RequestTracker:
         }
         if self.first_token_at is not None:
             fields["time_to_first_token_ms"] = _ms(self.first_token_at - self.start)
-        if self.telemetry.log_prompts:
-            fields["generated_text"] = self.generated.text
         self._end_trace(fields, None)
-        _log(logging.INFO, fields)
+        _log(logging.INFO, self._with_prompts(fields))
 
     def _failed(self, exc: BaseException) -> None:
         kind = failure_kind(exc)
@@ -192,7 +190,7 @@ class RequestTracker:
             fields["error"] = str(exc)[:300]
         self._end_trace(fields, kind)
         level = logging.WARNING if kind in ("generation", "incomplete") else logging.INFO
-        _log(level, fields)
+        _log(level, self._with_prompts(fields))
 
     def _fields(self, outcome: str) -> dict[str, Any]:
         now = self.ended_at if self.ended_at is not None else time.monotonic()
@@ -206,16 +204,20 @@ class RequestTracker:
         fields["total_ms"] = _ms(now - self.start)
         if self.validated_at is not None:
             fields["validation_ms"] = _ms(self.validated_at - self.start)
-        if self.telemetry.log_prompts:
-            fields["inputs"] = self.inputs
+        return fields
+
+    def _with_prompts(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """Prompts and outputs go into the log line only with --log-prompts (never into spans)."""
+        if not self.telemetry.log_prompts:
+            return fields
+        fields = fields | {"inputs": self.inputs}
+        if self.generated is not None:
+            fields["generated_text"] = self.generated.text
         return fields
 
     def _end_trace(self, fields: dict[str, Any], error: str | None) -> None:
-        if self.trace is None:
-            return
-        attributes = {f"tgserve.{k}": v for k, v in fields.items()
-                      if k not in ("inputs", "generated_text")}
-        self.trace.end(attributes, error)
+        if self.trace is not None:
+            self.trace.end({f"tgserve.{k}": v for k, v in fields.items()}, error)
 
 
 def _ms(seconds: float) -> float:
