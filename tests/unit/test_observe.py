@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from opentelemetry import trace as otel
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -24,6 +25,7 @@ from tgserve.launcher.weights import ModelSource
 from tgserve.logs import JsonFormatter, ReadableFormatter
 from tgserve.pb import generate_pb2
 from tgserve.router.app import create_app
+from tgserve.router.errors import ValidationError
 from tgserve.router.infer import Infer
 from tgserve.router.metrics import Metrics, exposition
 from tgserve.router.observe import Telemetry
@@ -233,7 +235,8 @@ def test_traced_client_moves_phases_and_sends_traceparent() -> None:
 
     async def run() -> None:
         assert await client.prefill(batch) == "prefilled"
-        assert await client.decode([generate_pb2.CachedBatch(id=1, request_ids=[7, 8])]) == "decoded"
+        cached = generate_pb2.CachedBatch(id=1, request_ids=[7, 8])
+        assert await client.decode([cached]) == "decoded"
         assert await client.health() == "healthy"  # everything else passes through
 
     asyncio.run(run())
@@ -244,8 +247,6 @@ def test_traced_client_moves_phases_and_sends_traceparent() -> None:
     for metadata, phase in zip(inner.metadata, ("prefill", "decode")):
         parent = context_from_metadata(metadata)
         assert parent is not None
-        from opentelemetry import trace as otel
-
         sent = otel.get_current_span(parent).get_span_context()
         assert sent.span_id == spans[phase].context.span_id
         assert spans[phase].parent.span_id == spans["req"].context.span_id
@@ -298,3 +299,25 @@ def test_dashboard_queries_only_declared_metrics() -> None:
     # A histogram's own name may end in _count (tgi_batch_inference_count is a counter).
     unknown = {n for n in used if n not in declared and n + "_count" not in declared}
     assert not unknown and len(used) >= 25
+
+
+def test_failure_kinds() -> None:
+    from tgserve.router.observe import failure_kind
+    from tgserve.router.types import IncompleteGenerationError, OverloadedError
+
+    template = ValidationError("no template")
+    template.code = "template_error"  # what chat.TemplateError carries
+    assert failure_kind(template) == "template"
+    assert failure_kind(ValidationError("x")) == "validation"
+    assert failure_kind(OverloadedError()) == "overloaded"
+    assert failure_kind(IncompleteGenerationError()) == "incomplete"
+    assert failure_kind(asyncio.CancelledError()) == "dropped"
+    assert failure_kind(RuntimeError("bug")) == "generation"
+
+
+def test_request_failed_outside_infer_counts_a_request() -> None:
+    registry = CollectorRegistry()
+    telemetry = Telemetry(Metrics.create(10, 20, registry))
+    telemetry.request_failed(ValidationError("bad template"))
+    assert registry.get_sample_value("tgi_request_count_total") == 1
+    assert registry.get_sample_value("tgi_request_failure_total", {"err": "validation"}) == 1

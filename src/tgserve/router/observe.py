@@ -35,6 +35,11 @@ REJECTED = ("validation", "overloaded")  # refused before they reached the queue
 def failure_kind(exc: BaseException) -> str:
     if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
         return "dropped"  # the client went away
+    # A finer code on the exception wins (chat.TemplateError is a ValidationError with
+    # code "template_error").
+    code = getattr(exc, "code", None)
+    if isinstance(code, str) and code in FAILURE_KIND:
+        return FAILURE_KIND[code]
     return FAILURE_KIND.get(error_info(exc).error_type, "generation")
 
 
