@@ -169,6 +169,8 @@ class TracedShardClient:
     lookup: RequestLookup = field(default=lambda _id: None)
 
     def __getattr__(self, name: str) -> Any:
+        if name == "client":  # not set yet (copy, pickle): never recurse
+            raise AttributeError(name)
         return getattr(self.client, name)
 
     def _step(self, phase: str, request_ids: Sequence[int]) -> Metadata | None:
