@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 
@@ -89,6 +90,15 @@ def test_completions_echo_scores_the_prompt(client: openai.OpenAI) -> None:
     values = choice.logprobs.token_logprobs or []
     assert values[0] is None and all(v is not None and v <= 0 for v in values[1:])
     assert len(values) == 6 and r.usage is not None and r.usage.completion_tokens == 0
+
+
+def test_logit_bias_bans_a_token(client: openai.OpenAI, server: LaunchedServer) -> None:
+    tokens = httpx.post(f"{server.url}/tokenize", json={"inputs": "France is Paris"}).json()
+    paris = tokens[-1]["id"]
+    body = {"model": "m", "prompt": "The capital of France is", "max_tokens": 3, "temperature": 0}
+    assert client.completions.create(**body).choices[0].text.startswith(" Paris")
+    banned = client.completions.create(**body, logit_bias={str(paris): -100})
+    assert not banned.choices[0].text.startswith(" Paris")
 
 
 @pytest.mark.parametrize(

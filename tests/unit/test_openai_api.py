@@ -350,6 +350,8 @@ def test_stream_error_is_an_event_then_done(tokenizer: RouterTokenizer) -> None:
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"n": 500}, "n"),
         ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"stream_options": {"include_usage": True, "x": 1}}, "stream_options.x"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url",

@@ -82,7 +82,9 @@ def error_json(exc: BaseException) -> JSONResponse:
     return JSONResponse(status_code=status, content=body, headers=headers)
 
 
-_TYPE_TAGS = ("str", "int", "float", "bool", "list", "dict", "none", "function")
+def _is_union_tag(part: str) -> bool:
+    """pydantic names the member of a union that failed: `str`, `list[int]`, `function-after[…]`."""
+    return part in ("str", "int", "float", "bool", "none") or "[" in part
 
 
 def _param(loc: tuple[Any, ...]) -> str:
@@ -91,7 +93,7 @@ def _param(loc: tuple[Any, ...]) -> str:
     for part in loc[1:] if loc[:1] == ("body",) else loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not any(str(part).startswith(t) for t in _TYPE_TAGS) or not out:
+        elif not out or not _is_union_tag(str(part)):
             out += f".{part}" if out else str(part)
     return out
 
