@@ -75,9 +75,13 @@ class Harness:
             if g.generated_text is not None:
                 out.finish = g
 
-    def add(self, requests: list[NewRequest]) -> None:
-        generations, batch, _ = self.generator.prefill(next(self._ids), requests)
+    def add(self, requests: list[NewRequest], mixed: bool = False) -> None:
+        """Prefill `requests`; `mixed` joins them to the running batch in the same forward."""
+        running = self.batch_ids[0] if mixed and self.batch_ids else None
+        generations, batch, _ = self.generator.prefill(next(self._ids), requests, running)
         self._record(generations)
+        if running is not None:
+            self.batch_ids = []
         if batch is not None:
             self.batch_ids.append(batch.id)
 

@@ -70,8 +70,12 @@ def test_greedy_alone_matches_transformers(arch) -> None:  # type: ignore[no-unt
     assert out.finish is not None and out.finish.generated_text.generated_tokens == NEW_TOKENS
 
 
-def test_greedy_inside_a_moving_batch(arch) -> None:  # type: ignore[no-untyped-def]
-    """A runs; B joins at step 5, C at step 12; B leaves early (short budget), D is cancelled."""
+@pytest.mark.parametrize("mixed", [False, True], ids=["separate-prefill", "mixed-prefill"])
+def test_greedy_inside_a_moving_batch(arch, mixed: bool) -> None:  # type: ignore[no-untyped-def]
+    """A runs; B joins at step 5, C at step 12; B leaves early (short budget), D is cancelled.
+
+    With `mixed`, joining prompts are computed in the same forward as the running rows' next tokens.
+    """
     name, folder, reference = arch
     prompts = {1: prompt(10, 30), 2: prompt(11, 17), 3: prompt(12, 41), 4: prompt(13, 9)}
     budgets = {1: NEW_TOKENS, 2: 20, 3: NEW_TOKENS, 4: NEW_TOKENS}
@@ -79,9 +83,10 @@ def test_greedy_inside_a_moving_batch(arch) -> None:  # type: ignore[no-untyped-
     h.add([h.request(1, prompts[1], budgets[1])])
     for step in range(1, 200):
         if step == 5:
-            h.add([h.request(2, prompts[2], budgets[2]), h.request(4, prompts[4], budgets[4])])
+            h.add([h.request(2, prompts[2], budgets[2]), h.request(4, prompts[4], budgets[4])],
+                  mixed)
         if step == 12:
-            h.add([h.request(3, prompts[3], budgets[3])])
+            h.add([h.request(3, prompts[3], budgets[3])], mixed)
         if step == 15:
             h.cancel(4)
         if step > 12 and not h.batch_ids:

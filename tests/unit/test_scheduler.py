@@ -107,6 +107,10 @@ class FakeShardClient:
             live.update(r.slots)
             requests.append(FakeRequest(r.id, r.stopping_parameters.max_new_tokens, list(r.slots)))
         prefill_logprobs = {r.id for r in batch.requests if r.prefill_logprobs}
+        if cached_batch is not None:
+            # Mixed prefill: the running batch advances in the same step and the newcomers join it.
+            running = self.batches.pop(cached_batch.id)
+            return self._step(cached_batch.id, running + requests, prefill_logprobs)
         return self._step(batch.id, requests, prefill_logprobs)
 
     async def decode(self, batches: Sequence[pb.CachedBatch]) -> StepResult:
@@ -187,7 +191,8 @@ def req(input_length: int, max_new_tokens: int, details: bool = False) -> ValidR
 
 
 def make(
-    num_blocks: int = 64, block_size: int = 4, observer: RecordingObserver | None = None, **kw: Any
+    num_blocks: int = 64, block_size: int = 4, observer: RecordingObserver | None = None,
+    mixed_prefill: bool = False, **kw: Any
 ) -> tuple[Scheduler, FakeShardClient]:
     settings = SchedulerSettings(
         max_batch_prefill_tokens=kw.pop("max_batch_prefill_tokens", 64),
@@ -196,7 +201,7 @@ def make(
         **kw,
     )
     client = FakeShardClient(num_slots=num_blocks * block_size)
-    return Scheduler(client, settings, observer), client
+    return Scheduler(client, settings, observer, mixed_prefill=mixed_prefill), client
 
 
 async def collect(stream: AsyncIterator[InferEvent], log: list[tuple[str, Any]] | None = None,
@@ -635,3 +640,29 @@ def test_warmup_limits_are_checked() -> None:
     with pytest.raises(StartupError, match="max_batch_total_tokens"):
         resolve_limits(SchedulerSettings(max_batch_prefill_tokens=128), shard, pb.WarmupResponse(
             max_supported_total_tokens=100, max_input_tokens=50, max_total_tokens=90))
+
+
+def test_mixed_prefill_admits_a_newcomer_at_the_next_step() -> None:
+    """With shards that prefill beside the running batch, nobody waits for waiting_served_ratio."""
+
+    async def main() -> None:
+        observer = RecordingObserver()
+        scheduler, client = make(observer=observer, waiting_served_ratio=1.0,
+                                 max_waiting_tokens=1000, mixed_prefill=True)
+        scheduler.start()
+        first = asyncio.create_task(collect(scheduler.schedule(req(4, 20))))
+        await wait_until(lambda: len(client.decodes()) >= 1)
+        late = await collect(scheduler.schedule(req(4, 2)))
+        long = await first
+        await scheduler.stop()
+        assert observer.concats == ["chunking"]
+        assert len(late) == 2 and len(long) == 20
+        prefill_index = [i for i, (n, _) in enumerate(client.calls) if n == "prefill"][1]
+        # Joined right away (after at most the decode already in flight)...
+        assert len([c for c in client.calls[:prefill_index] if c[0] == "decode"]) <= 2
+        # ...and the running request advanced in that prefill, not in a separate decode.
+        long_id = client.prefills()[0][0]
+        assert any({long_id} < set(ids) for ids in client.decodes())
+        assert scheduler.allocator.used_blocks == 0
+
+    run(main())

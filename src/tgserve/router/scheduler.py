@@ -125,9 +125,13 @@ class Scheduler:
         settings: SchedulerSettings,
         observer: SchedulerObserver | None = None,
         speculate: int = 0,
+        mixed_prefill: bool = False,
     ) -> None:
         self._client = client
         self.settings = settings
+        # The shards can prefill new requests in the same forward as the running batch's next
+        # tokens, so new requests join at once instead of waiting for waiting_served_ratio.
+        self.mixed_prefill = mixed_prefill
         self._observer: SchedulerObserver = observer or NoopObserver()
         num_blocks = settings.max_batch_total_tokens // settings.block_size
         self.allocator = BlockAllocator(num_blocks, settings.block_size)
@@ -267,6 +271,9 @@ class Scheduler:
             waiting_tokens = 1
             while cached is not None:
                 self._observer.on_batch_size(cached.size, cached.max_tokens)
+                if self.mixed_prefill:
+                    cached = await self._mixed_step(cached)
+                    continue
                 batches = [cached]
                 new = self._next_joining_batch(cached, waiting_tokens)
                 if new is not None:
@@ -279,6 +286,21 @@ class Scheduler:
                     self._joining = {}
                 cached = await self._decode(batches, self._running)
                 waiting_tokens += 1
+
+    async def _mixed_step(
+        self, cached: generate_pb2.CachedBatch
+    ) -> generate_pb2.CachedBatch | None:
+        """Admit whoever fits right away: their prompts ride in the running batch's next forward."""
+        s = self.settings
+        max_size = None if s.max_batch_size is None else max(s.max_batch_size - cached.size, 0)
+        token_budget = max(s.max_batch_total_tokens - cached.max_tokens, 0)
+        prefill_budget = max(s.max_batch_prefill_tokens - cached.size, 0)
+        new = self._next_batch(None, max_size, prefill_budget, token_budget)
+        if new is None:
+            return await self._decode([cached], self._running)
+        self._observer.on_concat("chunking")
+        self._running.update(new.entries)
+        return await self._prefill(new, self._running, cached)
 
     def _next_joining_batch(
         self, cached: generate_pb2.CachedBatch, waiting_tokens: int
@@ -305,12 +327,15 @@ class Scheduler:
             self._report_blocks()
         return nb
 
-    async def _prefill(self, nb: NextBatch, entries: Entries) -> generate_pb2.CachedBatch | None:
+    async def _prefill(
+        self, nb: NextBatch, entries: Entries, running: generate_pb2.CachedBatch | None = None
+    ) -> generate_pb2.CachedBatch | None:
         start = time.perf_counter()
         try:
-            result = await self._client.prefill(nb.batch)
+            result = await self._client.prefill(nb.batch, running)
         except Exception as err:  # noqa: BLE001 - a failed step fails its requests, not the server
-            await self._step_failed("prefill", [nb.batch.id], entries, err)
+            failed = [nb.batch.id] + ([running.id] if running is not None else [])
+            await self._step_failed("prefill", failed, entries, err)
             return None
         self._observer.on_prefill(time.perf_counter() - start, len(entries), result.timings)
         return await self._after_step("prefill", result, entries)
@@ -441,6 +466,7 @@ def shard_info(info: generate_pb2.InfoResponse, default_block_size: int) -> Shar
         eos_token_ids=tuple(info.eos_token_ids),
         vocab_size=info.vocab_size,
         support_chunking=info.support_chunking,
+        mixed_prefill=info.mixed_prefill,
         window_size=info.window_size if info.HasField("window_size") else None,
         speculate=info.speculate,
     )

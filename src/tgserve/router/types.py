@@ -123,5 +123,6 @@ class ShardInfo:
     eos_token_ids: tuple[int, ...]
     vocab_size: int
     support_chunking: bool = False
+    mixed_prefill: bool = False
     window_size: int | None = None
     speculate: int = 0

@@ -14,7 +14,7 @@ from tgserve.shard.detokenize import IncrementalDetokenizer
 from tgserve.shard.generation import GeneratedText, Generation, StepTimings, Tokens
 from tgserve.shard.kv_cache import KVCache
 from tgserve.shard.models.base import CausalLM
-from tgserve.shard.runner import ForwardInputs, prepare_decode, prepare_prefill
+from tgserve.shard.runner import ForwardInputs, prepare_decode, prepare_forward
 from tgserve.shard.sampling.chooser import NextTokenChooser
 from tgserve.shard.sampling.logprobs import batch_top_tokens, prompt_logprobs
 from tgserve.shard.sampling.params import SamplingParams, StoppingParams
@@ -93,19 +93,24 @@ class Generator:
     # -- steps ------------------------------------------------------------------------------
 
     def prefill(
-        self, batch_id: int, new: list[NewRequest]
+        self, batch_id: int, new: list[NewRequest], running_id: int | None = None
     ) -> tuple[list[Generation], Batch | None, StepTimings]:
+        """Prefill new requests; with `running_id`, that batch's next tokens ride in the same forward
+        and the new requests join it (mixed prefill: no decode step waits behind a prefill)."""
         start = time.perf_counter_ns()
+        running = self._pop(running_id) if running_id is not None else None
         requests = [self._request_state(r) for r in new]
         chooser = NextTokenChooser.from_params(
             [r.params for r in requests], [r.all_ids for r in requests],
             self.model.dims.vocab_size, self.device,
         )
-        batch = Batch(batch_id, requests, chooser, Batch.build_slot_table(requests, self.device))
-        inputs = prepare_prefill(requests, [r.cache_len for r in new], self.device)
+        joining = Batch(batch_id, requests, chooser, Batch.build_slot_table(requests, self.device))
+        inputs = prepare_forward(running, requests, [r.cache_len for r in new], self.device)
         logits, forward_ns = self._forward(inputs)
-        assert inputs.sample_rows is not None and inputs.prompt_logit_spans is not None
-        prompt_tokens = self._prompt_tokens(requests, inputs, logits)
+        assert inputs.sample_rows is not None
+        prompt_tokens = [None] * (len(running) if running else 0)
+        prompt_tokens += self._prompt_tokens(requests, inputs, logits)
+        batch = Batch.concatenate([running, joining]) if running is not None else joining
         return self._step(batch, logits.index_select(0, inputs.sample_rows), prompt_tokens,
                           start, forward_ns)
 

@@ -125,6 +125,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             use_prefix_caching=False, attention_impl="sdpa", block_size=g.block_size,
             max_position_embeddings=s.max_position_embeddings, model_type=s.model_type,
             eos_token_ids=sorted(g.eos_token_ids), vocab_size=g.model.dims.vocab_size,
+            mixed_prefill=True,
         )
 
     async def ServiceDiscovery(self, request, context):  # type: ignore[no-untyped-def]

@@ -1,4 +1,4 @@
-"""Builds once (JIT, cached on disk) and loads the C++ CPU attention kernels; callers fall back without them."""
+"""Builds once (JIT, cached on disk) and loads the C++ CPU kernels; callers fall back without them."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -19,14 +20,18 @@ from tgserve.env import cache_dir
 
 logger = logging.getLogger(__name__)
 
-_NAME = "tgserve_paged_attention"
-_SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+# One extension for all kernels: one build, one load, one warm-up call (server.py) covers them all.
+_NAME = "tgserve_cpu_kernels"
+_SOURCES = [
+    Path(__file__).parent / "csrc" / name
+    for name in ("paged_attention.cpp", "small_batch_linear.cpp")
+]
 # CPUs on which torch itself runs AVX2+FMA kernels; anything else gets portable -O3 code.
 _AVX2_CAPABILITIES = frozenset({"AVX2", "AVX512"})
 
 
 def available() -> bool:
-    """True when the kernel is built and loaded; the first call may build it (tens of seconds)."""
+    """True when the kernels are built and loaded; the first call may build them (tens of seconds)."""
     return _load() is not None
 
 
@@ -45,10 +50,18 @@ def paged_decode_attention(
     uses the first lengths[b]; window > 0 keeps only each row's last `window` positions.
     Returns [B, H, D]; a row with length 0 gives zeros.
     """
-    op = _load()
-    if op is None:
-        raise RuntimeError("CPU paged-attention kernel is unavailable; check available() first")
-    return op(q, k_cache, v_cache, kv_index, lengths, scale, window)
+    return _ops().paged_decode_attention(q, k_cache, v_cache, kv_index, lengths, scale, window)
+
+
+def small_batch_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x·weightᵀ (+ bias), streaming each weight row once for all rows of x.
+
+    x: [M, K] float32 with M ≤ 8 (any strides); weight: [N, K] float32, contiguous; bias: [N].
+    Returns [M, N]. Meant for decode, where the product is bound by reading the weight.
+    """
+    return _ops().small_batch_linear(x, weight, bias)
 
 
 def compile_flags(capability: str) -> list[str]:
@@ -65,23 +78,30 @@ def build_directory(capability: str) -> Path:
 
 
 @functools.cache
-def _load() -> Callable[..., torch.Tensor] | None:
+def _load() -> Any | None:
     from torch.utils import cpp_extension  # imports setuptools: only pay for it when asked
 
     _expose_venv_ninja()
     missing = _missing_tool(cpp_extension.get_cxx_compiler())
     if missing is not None:
         logger.warning(
-            "%s not found: CPU paged-attention kernel off, using the torch path", missing
+            "%s not found: C++ CPU kernels off, using the torch path", missing
         )
         return None
     capability = torch.backends.cpu.get_cpu_capability()
     try:
         _build(cpp_extension, build_directory(capability), compile_flags(capability))
     except (RuntimeError, OSError) as err:  # a compile error: the message carries the build log
-        logger.warning("CPU paged-attention kernel failed to build, using the torch path: %s", err)
+        logger.warning("C++ CPU kernels failed to build, using the torch path: %s", err)
         return None
-    return torch.ops.tgserve_cpu.paged_decode_attention
+    return torch.ops.tgserve_cpu
+
+
+def _ops() -> Any:
+    ops = _load()
+    if ops is None:
+        raise RuntimeError("C++ CPU kernels are unavailable; check available() first")
+    return ops
 
 
 def _build(cpp_extension: ModuleType, directory: Path, cflags: list[str]) -> None:
@@ -92,7 +112,7 @@ def _build(cpp_extension: ModuleType, directory: Path, cflags: list[str]) -> Non
         (directory / "lock").unlink(missing_ok=True)
         cpp_extension.load(
             name=_NAME,
-            sources=[str(_SOURCE)],
+            sources=[str(source) for source in _SOURCES],
             extra_cflags=cflags,
             extra_ldflags=["-fopenmp"],
             build_directory=str(directory),

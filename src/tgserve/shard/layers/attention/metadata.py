@@ -17,19 +17,17 @@ class PrefillSequence:
 
 @dataclass
 class AttentionMetadata:
-    """Varlen prefill (sequences flattened, no padding) or batched decode (one token per row)."""
+    """The first `num_decode` tokens are decode rows (one token each, context in the cache); the
+    rest are new prompts, flattened without padding (varlen prefill)."""
 
     slots: torch.Tensor  # [T] where each new token's K/V is written
     positions: torch.Tensor  # [T]
     prefill: list[PrefillSequence] | None = None
-    # Decode only: the slots of each row's whole context, right-padded, and which are real.
+    num_decode: int = 0
+    # Decode rows: the slots of each row's whole context, right-padded, and which are real.
     kv_index: torch.Tensor | None = None  # [B, L]
     kv_lengths: torch.Tensor | None = None  # [B]
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def is_prefill(self) -> bool:
-        return self.prefill is not None
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
         """[B, 1, 1, L] bool: True where a row may attend; cached per window size."""

@@ -22,12 +22,18 @@ def sdpa_attention(
 ) -> torch.Tensor:
     """q: [T, H, D], k/v: [T, Hkv, D] for the new tokens. Returns [T, H, D]."""
     kv_cache.write(layer, meta.slots, k, v)
-    if meta.prefill is not None:
-        return _prefill(q, k, v, kv_cache, layer, meta.prefill, scale, window)
-    return _decode(q, kv_cache, layer, meta, scale, window)
+    nd = meta.num_decode
+    if meta.prefill is None:
+        return _decode(q, kv_cache, layer, meta, scale, window)
+    out = torch.empty_like(q)
+    if nd:
+        out[:nd] = _decode(q[:nd], kv_cache, layer, meta, scale, window)
+    _prefill(out, q, k, v, kv_cache, layer, meta.prefill, scale, window)
+    return out
 
 
 def _prefill(
+    out: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -36,8 +42,8 @@ def _prefill(
     sequences: list[PrefillSequence],
     scale: float,
     window: int | None,
-) -> torch.Tensor:
-    out = torch.empty_like(q)
+) -> None:
+    """Fills the rows of `out` that belong to new prompts."""
     for seq in sequences:
         rows = slice(seq.start, seq.start + seq.length)
         qs = q[rows].transpose(0, 1)  # [H, n, D]
@@ -53,7 +59,6 @@ def _prefill(
             mask = _causal_mask(seq.length, seq.cache_len, window, q.device)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
         out[rows] = o.transpose(0, 1)
-    return out
 
 
 def _causal_mask(n: int, cache_len: int, window: int | None, device: torch.device) -> torch.Tensor:
