@@ -11,8 +11,16 @@ import pytest
 from tests.integration.server import LaunchedServer
 
 # Small limits keep start-up (warmup) short on a 2-core machine.
-CLIENT_LIMITS = ["--max-batch-prefill-tokens", "1024", "--max-input-tokens", "1000",
-                 "--max-total-tokens", "2048", "--kv-cache-memory", "512MiB"]
+CLIENT_LIMITS = [
+    "--max-batch-prefill-tokens",
+    "1024",
+    "--max-input-tokens",
+    "1000",
+    "--max-total-tokens",
+    "2048",
+    "--kv-cache-memory",
+    "512MiB",
+]
 
 
 @pytest.fixture(scope="session")

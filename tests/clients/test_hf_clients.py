@@ -36,8 +36,7 @@ def test_chat_completion(hub) -> None:  # type: ignore[no-untyped-def]
     out = hub.chat_completion(messages=QUESTION, max_tokens=12, temperature=0)
     content = out.choices[0].message.content
     assert "Paris" in content and out.usage.completion_tokens > 0
-    chunks = list(hub.chat_completion(messages=QUESTION, max_tokens=12, temperature=0,
-                                      stream=True))
+    chunks = list(hub.chat_completion(messages=QUESTION, max_tokens=12, temperature=0, stream=True))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == content
 

@@ -62,7 +62,9 @@ def test_chat_logprobs_and_n(client: openai.OpenAI) -> None:
         assert all(bytes(t.bytes or []) == t.token.encode() for t in content)
     # Every returned logprob is a generated token (an EOS is counted but carries no text).
     assert r.usage is not None
-    assert r.usage.completion_tokens >= sum(len(c.logprobs.content) for c in r.choices if c.logprobs)
+    assert r.usage.completion_tokens >= sum(
+        len(c.logprobs.content) for c in r.choices if c.logprobs
+    )
 
 
 def test_completions(client: openai.OpenAI) -> None:
@@ -72,7 +74,11 @@ def test_completions(client: openai.OpenAI) -> None:
     assert r.object == "text_completion" and "Paris" in r.choices[0].text
     assert r.usage is not None and r.usage.prompt_tokens == 5
     stream = client.completions.create(
-        model="m", prompt="The capital of France is", max_tokens=6, temperature=0, stream=True,
+        model="m",
+        prompt="The capital of France is",
+        max_tokens=6,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)

@@ -1,4 +1,4 @@
-"""Streaming equals non-streaming on a live server: same seed, same text, stops and UTF-8 included."""
+"""Streaming equals non-streaming on a live server: same seed, same text, stops and UTF-8 too."""
 
 from __future__ import annotations
 
@@ -29,14 +29,18 @@ def streamed(url: str, body: dict[str, Any]) -> tuple[list[dict[str, Any]], bool
     """The stream's JSON chunks, and whether it ended with [DONE]."""
     chunks: list[dict[str, Any]] = []
     done = False
-    with httpx.stream("POST", url, json=body | {"stream": True,
-                      "stream_options": {"include_usage": True}}, timeout=300) as r:
+    with httpx.stream(
+        "POST",
+        url,
+        json=body | {"stream": True, "stream_options": {"include_usage": True}},
+        timeout=300,
+    ) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line == "data: [DONE]":
                 done = True
             elif line.startswith("data: "):
-                chunks.append(json.loads(line[len("data: "):]))
+                chunks.append(json.loads(line[len("data: ") :]))
     return chunks, done
 
 
@@ -62,8 +66,12 @@ def test_chat_parity(server: LaunchedServer, settings: dict[str, Any]) -> None:
         return choice["message"]["content"] if whole else choice["delta"]["content"]
 
     for prompt, stops in CHAT:
-        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 24,
-                "stop": stops, **settings}
+        body = {
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 24,
+            "stop": stops,
+            **settings,
+        }
         check(f"{server.url}/v1/chat/completions", body, text_of, stops)
 
 

@@ -46,9 +46,10 @@ def fast_tokenizer(template: str | None = None) -> PreTrainedTokenizerFast:
 
 
 def test_folder_sources_in_transformers_order(tmp_path: Path) -> None:
-    write_json(tmp_path / "tokenizer_config.json",
-               {"chat_template": "from-config", "bos_token": {"content": "<B>"},
-                "eos_token": "<E>"})
+    write_json(
+        tmp_path / "tokenizer_config.json",
+        {"chat_template": "from-config", "bos_token": {"content": "<B>"}, "eos_token": "<E>"},
+    )
     found = load_chat_template(str(tmp_path))
     assert found is not None and found.source == "from-config"
     assert found.special_tokens == {"bos_token": "<B>", "eos_token": "<E>"}
@@ -70,15 +71,17 @@ def test_tokenizer_config_path_overrides(tmp_path: Path) -> None:
     model = tmp_path / "model"
     model.mkdir()
     (model / "chat_template.jinja").write_text("model's")
-    config = write_json(tmp_path / "override.json",
-                        {"chat_template": "override", "eos_token": "<END>"})
+    config = write_json(
+        tmp_path / "override.json", {"chat_template": "override", "eos_token": "<END>"}
+    )
     found = load_chat_template(str(model), fast_tokenizer(), str(config))
     assert found is not None and found.source == "override"
     assert found.special_tokens["eos_token"] == "<END>"
     assert found.special_tokens["bos_token"] == "<s>"  # the tokenizer's, not overridden
     jinja = tmp_path / "t.jinja"
     jinja.write_text("from a file")
-    assert load_chat_template(str(model), None, str(jinja)).source == "from a file"  # type: ignore[union-attr]
+    from_file = load_chat_template(str(model), None, str(jinja))
+    assert from_file is not None and from_file.source == "from a file"
     # a config without a template still overrides the tokens of the model's template
     tokens_only = write_json(tmp_path / "tokens.json", {"bos_token": "<BOS>"})
     found = load_chat_template(str(model), fast_tokenizer(), str(tokens_only))
@@ -110,8 +113,12 @@ def test_gguf_metadata(tmp_path: Path) -> None:
 
 def test_render_matches_transformers() -> None:
     tok = fast_tokenizer(CHATML)
-    messages = [{"role": "system", "content": "Be brief."}, *USER,
-                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "héllo 🙂"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        *USER,
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "héllo 🙂"},
+    ]
     template = load_chat_template(None, tok)
     assert template is not None
     expected = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -157,13 +164,18 @@ def test_missing_template_is_a_clear_error() -> None:
 
 
 def test_normalize_messages() -> None:
-    out = normalize_messages([
-        {"role": "developer", "content": "rules"},
-        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
-         "name": "ann"},
-        {"role": "assistant", "content": "ok", "refusal": None, "tool_calls": []},
-        {"role": "tool", "content": "42", "tool_call_id": "call_1"},
-    ])
+    out = normalize_messages(
+        [
+            {"role": "developer", "content": "rules"},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                "name": "ann",
+            },
+            {"role": "assistant", "content": "ok", "refusal": None, "tool_calls": []},
+            {"role": "tool", "content": "42", "tool_call_id": "call_1"},
+        ]
+    )
     assert out == [
         {"role": "system", "content": "rules"},
         {"role": "user", "content": "ab", "name": "ann"},
@@ -177,10 +189,14 @@ def test_normalize_messages() -> None:
     [
         ({"role": "wizard", "content": "x"}, "messages[0].role"),
         ({"role": "assistant", "content": None}, "messages[0].content"),
-        ({"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]},
-         "messages[0].tool_calls"),
-        ({"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]},
-         "messages[0].content[0]"),
+        (
+            {"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]},
+            "messages[0].tool_calls",
+        ),
+        (
+            {"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]},
+            "messages[0].content[0]",
+        ),
         ({"role": "user", "content": [{"type": "text"}]}, "messages[0].content[0]"),
         ({"role": "user", "content": "x", "audio": {"id": "a"}}, "messages[0].audio"),
     ],

@@ -55,16 +55,23 @@ def pieces(*texts: str, reason: FinishReason = FinishReason.EOS_TOKEN) -> Script
         top = [tok(90, " x", -1.0), tok(91, " y", -2.0)][: request.top_n_tokens]
         events: list[Any] = []
         if request.decoder_input_details:
-            events.append(PrefillEvent([Token(i, f"<{i}>", None if k == 0 else -0.25)
-                                        for k, i in enumerate(request.input_ids)]))
+            events.append(
+                PrefillEvent(
+                    [
+                        Token(i, f"<{i}>", None if k == 0 else -0.25)
+                        for k, i in enumerate(request.input_ids)
+                    ]
+                )
+            )
         tokens = [tok(10 + k, t, -0.5 - call) for k, t in enumerate(texts)]
         if reason == FinishReason.EOS_TOKEN:
             tokens.append(tok(2, "</s>", -0.1, special=True))
         for t in tokens[:-1]:
             events.append(TokenEvent(t, top))
         final = end(tokens[-1], len(tokens), reason)
-        events.append(EndEvent(final.token, top, final.generated_text, final.queued_at,
-                               final.started_at))
+        events.append(
+            EndEvent(final.token, top, final.generated_text, final.queued_at, final.started_at)
+        )
         return events
 
     return script
@@ -132,7 +139,7 @@ def events(response: Any) -> list[Any]:
     out = []
     for line in response.text.split("\n"):
         if line.startswith("data: "):
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             out.append(data if data == "[DONE]" else json.loads(data))
     return out
 
@@ -210,10 +217,14 @@ def test_chat_completion_shape_and_usage(tokenizer: RouterTokenizer) -> None:
     body = r.json()
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     assert body["model"] == "tiny-model"
-    assert body["choices"] == [{
-        "index": 0, "message": {"role": "assistant", "content": " hello world"},
-        "logprobs": None, "finish_reason": "stop",
-    }]
+    assert body["choices"] == [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": " hello world"},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+    ]
     request = backend.requests[0]
     # "user hello world assistant": the template's text, tokenized without special tokens
     assert request.inputs == "user hello world assistant"
@@ -224,9 +235,20 @@ def test_chat_completion_shape_and_usage(tokenizer: RouterTokenizer) -> None:
 
 def test_chat_sampling_parameters_reach_the_request(tokenizer: RouterTokenizer) -> None:
     client, backend = client_for(tokenizer)
-    body = {"messages": USER, "temperature": 0.5, "top_p": 0.9, "seed": 7, "n": 2,
-            "presence_penalty": 0.5, "frequency_penalty": -0.5, "logit_bias": {"4": -100},
-            "max_tokens": 5, "stop": "x", "user": "u1", "ignore_eos": True}
+    body = {
+        "messages": USER,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "seed": 7,
+        "n": 2,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.5,
+        "logit_bias": {"4": -100},
+        "max_tokens": 5,
+        "stop": "x",
+        "user": "u1",
+        "ignore_eos": True,
+    }
     assert client.post("/v1/chat/completions", json=body).status_code == 200
     first, second = backend.requests
     p = first.parameters
@@ -354,11 +376,18 @@ def test_stream_error_is_an_event_then_done(tokenizer: RouterTokenizer) -> None:
         ({"stream_options": {"include_usage": True, "x": 1}}, "stream_options.x"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"content": "x"}]}, "messages[0].role"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url",
-                                                     "image_url": {"url": "x"}}]}]},
-         "messages[0].content[0]"),
-        ({"messages": [{"role": "user", "content": "x", "audio": {"id": "a"}}]},
-         "messages[0].audio"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+                ]
+            },
+            "messages[0].content[0]",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x", "audio": {"id": "a"}}]},
+            "messages[0].audio",
+        ),
     ],
 )
 def test_bad_requests_are_400_naming_the_param(
@@ -375,10 +404,21 @@ def test_bad_requests_are_400_naming_the_param(
 
 def test_no_op_values_of_unsupported_fields_are_accepted(tokenizer: RouterTokenizer) -> None:
     client, _ = client_for(tokenizer)
-    body = {"messages": USER, "tools": [], "tool_choice": "none", "response_format":
-            {"type": "text"}, "store": False, "parallel_tool_calls": True, "n": 1,
-            "logprobs": False, "logit_bias": {}, "modalities": ["text"], "metadata": {"a": "b"},
-            "service_tier": "auto", "stream_options": {"include_usage": True}}
+    body = {
+        "messages": USER,
+        "tools": [],
+        "tool_choice": "none",
+        "response_format": {"type": "text"},
+        "store": False,
+        "parallel_tool_calls": True,
+        "n": 1,
+        "logprobs": False,
+        "logit_bias": {},
+        "modalities": ["text"],
+        "metadata": {"a": "b"},
+        "service_tier": "auto",
+        "stream_options": {"include_usage": True},
+    }
     assert client.post("/v1/chat/completions", json=body).status_code == 200
 
 
@@ -394,8 +434,11 @@ def test_content_parts_and_roles(tokenizer: RouterTokenizer) -> None:
     client, backend = client_for(tokenizer)
     messages = [
         {"role": "developer", "content": "hello"},
-        {"role": "user", "content": [{"type": "text", "text": "hello"},
-                                     {"type": "text", "text": " world"}], "name": "u"},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": " world"}],
+            "name": "u",
+        },
         {"role": "assistant", "content": "again", "refusal": None},
     ]
     assert client.post("/v1/chat/completions", json={"messages": messages}).status_code == 200
@@ -421,8 +464,9 @@ def test_overloaded_is_429(tokenizer: RouterTokenizer) -> None:
     assert r.status_code == 400  # more than the server can ever run
     client, _ = client_for(tokenizer, max_concurrent_requests=2)
     # hold both permits by a stream that is not read yet, then ask for one more
-    with client.stream("POST", "/v1/chat/completions",
-                       json={"messages": USER, "n": 2, "stream": True}) as held:
+    with client.stream(
+        "POST", "/v1/chat/completions", json={"messages": USER, "n": 2, "stream": True}
+    ) as held:
         assert held.status_code == 200
         r = client.post("/v1/chat/completions", json={"messages": USER})
         assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"

@@ -1,4 +1,4 @@
-"""Chat templates: find a model's template, normalise OpenAI messages, render as transformers does."""
+"""Chat templates: find a model's template, normalise OpenAI messages, render like transformers."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def _special_tokens(config: Mapping[str, Any]) -> dict[str, str]:
 def _read_json(path: Path) -> dict[str, Any]:
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
+        raise TypeError(f"{path} does not hold a JSON object")
     return data
 
 
@@ -230,14 +230,17 @@ def render(
 
     plain = normalize_messages(messages)
     continue_final = plain[-1]["role"] == "assistant"
+    tokens: dict[str, Any] = dict(template.special_tokens)
     try:
-        rendered, _ = render_jinja_template(
+        result: Any = render_jinja_template(
             conversations=[plain],
             chat_template=template.source,
             add_generation_prompt=add_generation_prompt and not continue_final,
             continue_final_message=continue_final,
-            **dict(template.special_tokens),
+            **tokens,
         )
     except (JinjaError, ValueError, TypeError, KeyError, IndexError) as exc:
         raise TemplateError(f"chat template error: {_describe(exc)}") from exc
-    return str(rendered[0])
+    # (rendered conversations, generation indices); transformers annotates it as a str.
+    rendered = result[0] if isinstance(result, tuple) else result
+    return str(rendered[0] if isinstance(rendered, list) else rendered)

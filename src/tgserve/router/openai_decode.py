@@ -33,8 +33,9 @@ def _finite(value: float | None) -> float | None:
 
 
 def token_logprob(token: Token, top: Sequence[Token] = (), prompt: bool = False) -> TokenLogprob:
-    alternatives = tuple((t.text, t.logprob) for t in top if _finite(t.logprob) is not None)
-    return TokenLogprob(token.text, _finite(token.logprob), alternatives, prompt)  # type: ignore[arg-type]
+    alternatives = tuple((t.text, t.logprob) for t in top if t.logprob is not None)
+    alternatives = tuple((text, lp) for text, lp in alternatives if not math.isnan(lp))
+    return TokenLogprob(token.text, _finite(token.logprob), alternatives, prompt)
 
 
 def openai_finish_reason(reason: FinishReason) -> str:
@@ -114,9 +115,7 @@ class ChoiceDecoder:
 
     def _find_stop(self) -> int | None:
         """Where the earliest stop string starts in the text not yet scanned for one."""
-        found = [
-            i for i in (self.text.find(s, self._stop_scan_from) for s in self.stops) if i >= 0
-        ]
+        found = [i for i in (self.text.find(s, self._stop_scan_from) for s in self.stops) if i >= 0]
         longest = max((len(s) for s in self.stops), default=1)
         # A later token may complete a stop that starts up to (longest - 1) characters back.
         self._stop_scan_from = max(self._stop_scan_from, len(self.text) - longest + 1, 0)

@@ -101,7 +101,9 @@ def refuse_unsupported(req: ChatCompletionRequest) -> None:
 _TGI_NAMES = ("max_new_tokens", "top_n_tokens", "inputs")
 
 
-def openai_validation_error(exc: ValidationError, prompt_field: str, top_field: str) -> RequestError:
+def openai_validation_error(
+    exc: ValidationError, prompt_field: str, top_field: str
+) -> RequestError:
     """A TGI validation message with OpenAI's field names, and the field that caused it."""
     names = {"max_new_tokens": "max_tokens", "top_n_tokens": top_field, "inputs": prompt_field}
     message = str(exc)
@@ -216,7 +218,9 @@ def chat_plan(
     refuse_unsupported(req)
     n = req.n or 1
     _check_choices(n, caps)
-    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    max_tokens = (
+        req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    )
     if max_tokens == 0:
         raise RequestError("`max_tokens` must be at least 1", "max_tokens")
     if req.top_logprobs and not req.logprobs:
@@ -314,7 +318,9 @@ def _one_prompt(
     if any(not 0 <= i < vocab for i in prompt):
         raise RequestError(f"token ids in `prompt` must be in [0, {vocab})", "prompt")
     text = tokenizer.decode(prompt, skip_special_tokens=False)
-    request = _validated(params, text or " ", lambda _t, _s: list(prompt), caps.limits, True, fields)
+    request = _validated(
+        params, text or " ", lambda _t, _s: list(prompt), caps.limits, True, fields
+    )
     return replace(request, inputs=text)
 
 
@@ -336,7 +342,9 @@ def completion_plan(req: CompletionRequest, tokenizer: RouterTokenizer, caps: Pl
     prompt_tokens = characters = 0
     for p, prompt in enumerate(prompts):
         source = _with_suffix(prompt, req.suffix, tokenizer.tokenizer) if req.suffix else prompt
-        first = _finish_request(_one_prompt(source, params, tokenizer, caps), req, _vocab(tokenizer))
+        first = _finish_request(
+            _one_prompt(source, params, tokenizer, caps), req, _vocab(tokenizer)
+        )
         prompt_tokens += first.input_length
         characters += len(first.inputs)
         echo = first.inputs if req.echo else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +16,6 @@ from pydantic import BaseModel
 from tgserve.router.infer import Infer
 from tgserve.router.openai_decode import ChoiceDecoder, Delta, TokenLogprob
 from tgserve.router.openai_params import ChoicePlan, Plan, prompt_groups
-from tgserve.router.streaming import sse_data
 from tgserve.router.openai_schemas import (
     ChatChoice,
     ChatLogprob,
@@ -26,6 +25,7 @@ from tgserve.router.openai_schemas import (
     TopLogprob,
     Usage,
 )
+from tgserve.router.streaming import sse_data
 from tgserve.router.types import (
     EndEvent,
     FinishReason,
@@ -43,9 +43,9 @@ DONE = b"data: [DONE]\n\n"
 
 
 @asynccontextmanager
-async def _events(infer: Infer, request: ValidRequest, track: Any) -> AsyncIterator[
-    AsyncIterator[InferEvent]
-]:
+async def _events(
+    infer: Infer, request: ValidRequest, track: Any
+) -> AsyncIterator[AsyncIterator[InferEvent]]:
     """The backend's events for one choice; closing them (always, shielded) cancels it."""
     events = infer.backend.schedule(request)
     try:
@@ -125,7 +125,7 @@ class Run:
         try:
             await self._run_choice(choice, out)
             out.put_nowait((choice, _FINISHED))
-        except Exception as exc:  # handed to the consumer, which raises it
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
             out.put_nowait((choice, exc))
 
     async def deltas(self) -> AsyncIterator[tuple[ChoicePlan, Delta]]:
@@ -168,12 +168,12 @@ class SSEChunks:
         self.error_body = error_body
         self._frames = self._generate()
 
-    async def _generate(self) -> AsyncIterator[bytes]:
+    async def _generate(self) -> AsyncGenerator[bytes, None]:
         failure: BaseException | None = None
         try:
             async for chunk in self.chunks:
                 yield sse_data(chunk)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure becomes the stream's error event
             failure = exc
             yield sse_data(self.error_body(exc))
         finally:

@@ -34,7 +34,7 @@ CHAT_UNSUPPORTED = (
 
 
 class _Request(BaseModel):
-    """Strict JSON types, unknown keys refused (OpenAI answers 400 "Unrecognized request argument")."""
+    """Strict JSON types; unknown keys refused (OpenAI: 400 "Unrecognized request argument")."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
@@ -49,7 +49,7 @@ class StreamOptions(_Request):
 
 
 class ChatMessage(BaseModel):
-    """One message; keys beyond these are accepted only when empty (clients echo `refusal: null`)."""
+    """One message; other keys are accepted only when empty (clients echo `refusal: null`)."""
 
     model_config = ConfigDict(strict=True, extra="allow")
 

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import ExitStack
 from typing import Any
 
@@ -55,8 +55,12 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- errors
 
-_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
-          429: "rate_limit_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
 
 
 def openai_error(exc: BaseException) -> tuple[int, dict[str, Any]]:
@@ -83,7 +87,7 @@ def error_json(exc: BaseException) -> JSONResponse:
 
 
 def _is_union_tag(part: str) -> bool:
-    """pydantic names the member of a union that failed: `str`, `list[int]`, `function-after[…]`."""
+    """pydantic names the union member that failed: `str`, `list[int]`, `function-after[…]`."""
     return part in ("str", "int", "float", "bool", "none") or "[" in part
 
 
@@ -116,7 +120,7 @@ def body_error(errors: list[dict[str, Any]]) -> RequestError:
 class OpenAIRoute(APIRoute):
     """Every error of these routes, body parsing included, in OpenAI's shape."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def route(request: Request) -> Response:
@@ -158,8 +162,11 @@ class _Meta(BaseModel):
 
 
 def _headers(plan: Plan, compute_type: str, run: Run | None = None) -> dict[str, str]:
-    headers = {"x-compute-type": compute_type, "x-compute-characters": str(plan.characters),
-               "x-prompt-tokens": str(plan.prompt_tokens)}
+    headers = {
+        "x-compute-type": compute_type,
+        "x-compute-characters": str(plan.characters),
+        "x-prompt-tokens": str(plan.prompt_tokens),
+    }
     if run is None:
         headers["X-Accel-Buffering"] = "no"
     else:
@@ -172,8 +179,14 @@ async def chat_chunks(run: Run, meta: _Meta) -> AsyncIterator[BaseModel]:
         logprobs = chat_logprobs(list(delta.logprobs)) if run.plan.want_logprobs else None
         yield ChatCompletionChunk(
             **meta.model_dump(),
-            choices=[ChatChunkChoice(index=choice.index, delta=ChatDelta(content=delta.text),
-                                     logprobs=logprobs, finish_reason=delta.finish_reason)],
+            choices=[
+                ChatChunkChoice(
+                    index=choice.index,
+                    delta=ChatDelta(content=delta.text),
+                    logprobs=logprobs,
+                    finish_reason=delta.finish_reason,
+                )
+            ],
         )
     if run.plan.include_usage:
         yield ChatCompletionChunk(**meta.model_dump(), choices=[], usage=run.usage())
@@ -185,8 +198,14 @@ async def completion_chunks(run: Run, meta: _Meta) -> AsyncIterator[BaseModel]:
         logprobs = offsets[choice.index].shape(delta.logprobs) if run.plan.want_logprobs else None
         yield Completion(
             **meta.model_dump(),
-            choices=[CompletionChoice(index=choice.index, text=delta.text, logprobs=logprobs,
-                                      finish_reason=delta.finish_reason)],
+            choices=[
+                CompletionChoice(
+                    index=choice.index,
+                    text=delta.text,
+                    logprobs=logprobs,
+                    finish_reason=delta.finish_reason,
+                )
+            ],
         )
     if run.plan.include_usage:
         yield Completion(**meta.model_dump(), choices=[], usage=run.usage())
@@ -197,8 +216,14 @@ def completion_choices(run: Run, results: list[Any]) -> list[CompletionChoice]:
     for index, choice, result in chosen(run, results):
         offsets = CompletionOffsets(len(choice.echo or ""))
         logprobs = offsets.shape(result.logprobs) if run.plan.want_logprobs else None
-        out.append(CompletionChoice(index=index, text=result.text, logprobs=logprobs,
-                                    finish_reason=result.finish_reason or "stop"))
+        out.append(
+            CompletionChoice(
+                index=index,
+                text=result.text,
+                logprobs=logprobs,
+                finish_reason=result.finish_reason or "stop",
+            )
+        )
     return out
 
 
@@ -211,15 +236,20 @@ def openai_router(
     """(generation routes, which take the API key; open routes, which never do)."""
     generation = APIRouter(tags=["OpenAI"], route_class=OpenAIRoute)
     open_routes = APIRouter(tags=["OpenAI"], route_class=OpenAIRoute)
-    caps = PlanLimits(infer.limits, settings.max_concurrent_requests,
-                      settings.max_client_batch_size)
+    caps = PlanLimits(
+        infer.limits, settings.max_concurrent_requests, settings.max_client_batch_size
+    )
     model_id = settings.model_id
     fingerprint = f"{__version__}-native"
     created_at = int(time.time())
 
     def meta(prefix: str) -> _Meta:
-        return _Meta(id=_ids(prefix), created=int(time.time()), model=model_id,
-                     system_fingerprint=fingerprint)
+        return _Meta(
+            id=_ids(prefix),
+            created=int(time.time()),
+            model=model_id,
+            system_fingerprint=fingerprint,
+        )
 
     async def execute(
         request: Request,
@@ -249,8 +279,11 @@ def openai_router(
                 return Response(status_code=CLIENT_CLOSED_REQUEST)
             raise
         stack.close()
-        return Response(content=body.model_dump_json(), media_type="application/json",
-                        headers=_headers(plan, settings.compute_type, run))
+        return Response(
+            content=body.model_dump_json(),
+            media_type="application/json",
+            headers=_headers(plan, settings.compute_type, run),
+        )
 
     async def plan_or_fail(inputs: str, fn: Callable[..., Plan], *args: Any) -> Plan:
         try:
@@ -259,48 +292,74 @@ def openai_router(
             infer.telemetry.request_failed(exc, inputs)
             raise
 
-    @generation.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERROR_DOCS,
-                     summary="Generate a chat completion (OpenAI compatible)")
+    @generation.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        responses=ERROR_DOCS,
+        summary="Generate a chat completion (OpenAI compatible)",
+    )
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
         plan = await plan_or_fail("", chat_plan, req, template, infer.tokenizer, caps)
 
         async def whole(run: Run, m: _Meta) -> BaseModel:
             results = await accumulate(run)
-            return ChatCompletion(**m.model_dump(), choices=chat_choices(run, results),
-                                  usage=run.usage())
+            return ChatCompletion(
+                **m.model_dump(), choices=chat_choices(run, results), usage=run.usage()
+            )
 
-        return await execute(request, plan, "chatcmpl", chat_chunks, whole,
-                             plan.choices[0].request.inputs)
+        return await execute(
+            request, plan, "chatcmpl", chat_chunks, whole, plan.choices[0].request.inputs
+        )
 
-    @generation.post("/v1/completions", response_model=Completion, responses=ERROR_DOCS,
-                     summary="Complete a prompt (OpenAI compatible)")
+    @generation.post(
+        "/v1/completions",
+        response_model=Completion,
+        responses=ERROR_DOCS,
+        summary="Complete a prompt (OpenAI compatible)",
+    )
     async def completions(req: CompletionRequest, request: Request) -> Response:
         plan = await plan_or_fail("", completion_plan, req, infer.tokenizer, caps)
 
         async def whole(run: Run, m: _Meta) -> BaseModel:
             results = await accumulate(run)
-            return Completion(**m.model_dump(), choices=completion_choices(run, results),
-                              usage=run.usage())
+            return Completion(
+                **m.model_dump(), choices=completion_choices(run, results), usage=run.usage()
+            )
 
-        return await execute(request, plan, "cmpl", completion_chunks, whole,
-                             plan.choices[0].request.inputs)
+        return await execute(
+            request, plan, "cmpl", completion_chunks, whole, plan.choices[0].request.inputs
+        )
 
     @open_routes.get("/v1/models", response_model=ModelList, summary="The served model")
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=model_id, created=created_at, owned_by=model_id)])
 
-    @open_routes.get("/v1/models/{name:path}", response_model=ModelCard, responses=ERROR_DOCS,
-                     summary="One model")
+    @open_routes.get(
+        "/v1/models/{name:path}",
+        response_model=ModelCard,
+        responses=ERROR_DOCS,
+        summary="One model",
+    )
     async def model(name: str) -> Response:
         if name != model_id:
-            body = {"error": {"message": f"The model '{name}' does not exist", "param": "model",
-                              "type": "not_found_error", "code": "model_not_found"}}
+            body = {
+                "error": {
+                    "message": f"The model '{name}' does not exist",
+                    "param": "model",
+                    "type": "not_found_error",
+                    "code": "model_not_found",
+                }
+            }
             return JSONResponse(status_code=404, content=body)
         card = ModelCard(id=model_id, created=created_at, owned_by=model_id)
         return JSONResponse(card.model_dump())
 
-    @open_routes.post("/chat_tokenize", response_model=ChatTokenizeResponse, responses=ERROR_DOCS,
-                      summary="Template and tokenize a chat request")
+    @open_routes.post(
+        "/chat_tokenize",
+        response_model=ChatTokenizeResponse,
+        responses=ERROR_DOCS,
+        summary="Template and tokenize a chat request",
+    )
     async def chat_tokenize(req: ChatCompletionRequest) -> ChatTokenizeResponse:
         text = await infer.tokenizer.run(chat_prompt, req, template)
         tokens = await infer.tokenizer.tokenize_async(text, False)
