@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -78,8 +79,9 @@ def pieces(*texts: str, reason: FinishReason = FinishReason.EOS_TOKEN) -> Script
 
 
 class FakeBackend:
-    def __init__(self, script: Script) -> None:
+    def __init__(self, script: Script, hang: bool = False) -> None:
         self.script = script
+        self.hang = hang  # after the script, wait forever (until closed)
         self.requests: list[ValidRequest] = []
         self.closed = 0
         self.consumed: list[int] = []  # events each request handed out
@@ -98,6 +100,8 @@ class FakeBackend:
                     raise item
                 self.consumed[call] += 1
                 yield item
+            if self.hang:
+                await asyncio.Event().wait()
         finally:
             self.closed += 1
 
@@ -118,6 +122,20 @@ def tokenizer() -> Iterator[RouterTokenizer]:
     router_tokenizer.close()
 
 
+def build(
+    tokenizer: RouterTokenizer,
+    backend: FakeBackend,
+    template: str | None = TEMPLATE,
+    **settings: Any,
+) -> tuple[FastAPI, Infer]:
+    config = RouterSettings(
+        model_id="tiny-model", max_input_tokens=100, max_total_tokens=128, **settings
+    )
+    infer = Infer(backend, tokenizer, config.limits(), config.max_concurrent_requests)
+    chat = ChatTemplate(template, "test", {"bos_token": "<s>"}) if template else None
+    return create_app(infer, {}, config, chat), infer
+
+
 def client_for(
     tokenizer: RouterTokenizer,
     script: Script | None = None,
@@ -125,12 +143,7 @@ def client_for(
     **settings: Any,
 ) -> tuple[TestClient, FakeBackend]:
     backend = FakeBackend(script or pieces(" hello", " world"))
-    config = RouterSettings(
-        model_id="tiny-model", max_input_tokens=100, max_total_tokens=128, **settings
-    )
-    infer = Infer(backend, tokenizer, config.limits(), config.max_concurrent_requests)
-    chat = ChatTemplate(template, "test", {"bos_token": "<s>"}) if template else None
-    app = create_app(infer, {}, config, chat)
+    app, _ = build(tokenizer, backend, template, **settings)
     return TestClient(app), backend
 
 
@@ -594,3 +607,59 @@ def test_openapi_lists_the_routes(tokenizer: RouterTokenizer) -> None:
     paths = client.get("/api-doc/openapi.json").json()["paths"]
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/chat_tokenize"):
         assert path in paths
+
+
+# ---------------------------------------------------------------- client disconnects (ASGI level)
+
+
+async def call_asgi(app: FastAPI, body: dict[str, Any], leave: asyncio.Event, sent: list) -> None:
+    raw = json.dumps(body).encode()
+    delivered = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "client": ("test", 1),
+        "server": ("test", 80),
+        "headers": [(b"content-type", b"application/json")],
+    }
+    await asyncio.wait_for(app(scope, receive, send), timeout=10)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_disconnect_cancels_every_choice(tokenizer: RouterTokenizer, stream: bool) -> None:
+    backend = FakeBackend(lambda r, c: [TokenEvent(tok(4, " hello"), [])], hang=True)
+    app, infer = build(tokenizer, backend)
+    sent: list[dict[str, Any]] = []
+
+    async def scenario() -> None:
+        leave = asyncio.Event()
+        body = {"messages": USER, "n": 2, "stream": stream}
+        call = asyncio.create_task(call_asgi(app, body, leave, sent))
+        while sum(backend.consumed) < 2:  # both choices produced their token, then hang
+            await asyncio.sleep(0.001)
+        assert infer.limiter.in_flight == 2
+        leave.set()
+        await call
+
+    asyncio.run(scenario())
+    assert backend.closed == 2 and infer.limiter.in_flight == 0
+    assert sent[0]["status"] == (200 if stream else 499)
