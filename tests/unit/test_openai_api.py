@@ -440,7 +440,9 @@ def test_too_long_message_names_the_numbers(tokenizer: RouterTokenizer) -> None:
     r = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 500})
     message = r.json()["error"]["message"]
     assert "`max_tokens`" in message and "128" in message and "500" in message
-    assert "max_new_tokens" not in message
+    assert "max_new_tokens" not in message and "--max-total-tokens" in message
+    r = client.post("/v1/chat/completions", json={"messages": USER, "stop": list("abcde")})
+    assert r.json()["error"]["message"].endswith("(the server's limit: --max-stop-sequences)")
 
 
 def test_content_parts_and_roles(tokenizer: RouterTokenizer) -> None:

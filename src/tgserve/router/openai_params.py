@@ -99,6 +99,13 @@ def refuse_unsupported(req: ChatCompletionRequest) -> None:
 
 
 _TGI_NAMES = ("max_new_tokens", "top_n_tokens", "inputs")
+# The server flag behind each limit, so the message says what to change.
+_LIMIT_FLAGS = (
+    ("tokens + `max_new_tokens` must be <=", "--max-total-tokens"),
+    ("`inputs` must have less than", "--max-input-tokens"),
+    ("`top_n_tokens` must be", "--max-top-n-tokens"),
+    ("`stop` supports up to", "--max-stop-sequences"),
+)
 
 
 def openai_validation_error(
@@ -110,6 +117,9 @@ def openai_validation_error(
     for tgi, ours in names.items():
         message = message.replace(f"`{tgi}`", f"`{ours}`")
     original = str(exc)
+    flag = next((f for start, f in _LIMIT_FLAGS if start in original), None)
+    if flag is not None:
+        message += f" (the server's limit: {flag})"
     param = next((names[n] for n in _TGI_NAMES if f"`{n}`" in original), None)
     if param is None:
         found = re.search(r"`([a-z_]+)`", original)
