@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
 
 from tests.integration.server import LaunchedServer
 
-# Small limits keep start-up (warmup) short on a 2-core machine.
-CLIENT_LIMITS = [
-    "--max-batch-prefill-tokens",
-    "1024",
-    "--max-input-tokens",
-    "1000",
-    "--max-total-tokens",
-    "2048",
-    "--kv-cache-memory",
-    "512MiB",
-]
-
-
 @pytest.fixture(scope="session")
-def server() -> Iterator[LaunchedServer]:
-    launched = LaunchedServer(CLIENT_LIMITS).start()
-    yield launched
-    launched.stop()
+def server(default_server: LaunchedServer) -> LaunchedServer:
+    """The session's shared server on the default model (tests/conftest.py)."""
+    return default_server
 
 
 def require(module: str) -> ModuleType:

@@ -20,7 +20,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import SMALL_LIMITS
+from tests.conftest import SMALL_LIMITS
 from tests.integration.server import LaunchedServer
 
 pytestmark = pytest.mark.slow

@@ -1,0 +1,20 @@
+"""Session-wide fixtures: one live server on the default model, shared by every live test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.integration.server import LaunchedServer
+
+# Small limits keep start-up (warmup) short on a 2-core machine.
+SMALL_LIMITS = ["--max-batch-prefill-tokens", "1024", "--max-input-tokens", "1000",
+                "--max-total-tokens", "2048", "--kv-cache-memory", "512MiB"]
+
+
+@pytest.fixture(scope="session")
+def default_server() -> Iterator[LaunchedServer]:
+    server = LaunchedServer(SMALL_LIMITS).start()
+    yield server
+    server.stop()
