@@ -666,3 +666,22 @@ def test_mixed_prefill_admits_a_newcomer_at_the_next_step() -> None:
         assert scheduler.allocator.used_blocks == 0
 
     run(main())
+
+
+def test_mixed_steps_admit_small_prefills_and_a_long_prompt_alone() -> None:
+    async def main() -> None:
+        scheduler, client = make(mixed_prefill=True, max_step_prefill_tokens=12,
+                                 max_batch_prefill_tokens=64)
+        scheduler.start()
+        first = asyncio.create_task(collect(scheduler.schedule(req(4, 30))))
+        await wait_until(lambda: len(client.decodes()) >= 1)
+        # Three 8-token prompts: only one fits each 12-token step next to the running row.
+        mids = [asyncio.create_task(collect(scheduler.schedule(req(8, 3)))) for _ in range(3)]
+        long_prompt = asyncio.create_task(collect(scheduler.schedule(req(40, 2))))
+        results = await asyncio.gather(first, *mids, long_prompt)
+        await scheduler.stop()
+        assert [len(r) for r in results] == [30, 3, 3, 3, 2]
+        joined = client.prefills()[1:]
+        assert all(len(ids) == 1 for ids in joined) and len(joined) == 4
+
+    run(main())

@@ -50,7 +50,8 @@ def shard_service_name(router_name: str) -> str:
 ROUTER_FLAGS = (
     "max_concurrent_requests", "max_best_of", "max_stop_sequences", "max_top_n_tokens",
     "max_input_tokens", "max_total_tokens", "waiting_served_ratio", "max_batch_prefill_tokens",
-    "max_batch_total_tokens", "max_waiting_tokens", "max_batch_size", "hostname", "port",
+    "max_batch_total_tokens", "max_waiting_tokens", "max_batch_size", "max_step_prefill_tokens",
+    "hostname", "port",
     "prometheus_port", "validation_workers", "api_key", "payload_limit", "max_client_batch_size",
     "otlp_endpoint", "otlp_service_name", "graceful_termination_timeout", "tokenizer_config_path",
 )

@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-total-tokens", type=int)
     p.add_argument("--max-waiting-tokens", type=int, default=20)
     p.add_argument("--max-batch-size", type=int)
+    p.add_argument("--max-step-prefill-tokens", type=int, default=512)
     p.add_argument("--hostname", default="0.0.0.0")
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--prometheus-port", type=int, default=9000)
@@ -76,6 +77,7 @@ def scheduler_settings(args: argparse.Namespace) -> SchedulerSettings:
         waiting_served_ratio=args.waiting_served_ratio,
         max_waiting_tokens=args.max_waiting_tokens,
         max_batch_size=args.max_batch_size,
+        max_step_prefill_tokens=args.max_step_prefill_tokens,
         max_input_tokens=args.max_input_tokens,
         max_total_tokens=args.max_total_tokens,
     )

@@ -50,6 +50,9 @@ class SchedulerSettings:
     # What the user asked for (None: the shards decide at warmup).
     max_input_tokens: int | None = None
     max_total_tokens: int | None = None
+    # With mixed prefill, new prompt tokens admitted per step while others decode: small steps let
+    # early arrivals start at once instead of all waiting for one huge prefill (time to first token).
+    max_step_prefill_tokens: int = 512
 
 
 class SchedulerObserver(Protocol):
@@ -294,8 +297,11 @@ class Scheduler:
         s = self.settings
         max_size = None if s.max_batch_size is None else max(s.max_batch_size - cached.size, 0)
         token_budget = max(s.max_batch_total_tokens - cached.max_tokens, 0)
-        prefill_budget = max(s.max_batch_prefill_tokens - cached.size, 0)
-        new = self._next_batch(None, max_size, prefill_budget, token_budget)
+        step_budget = min(s.max_step_prefill_tokens, s.max_batch_prefill_tokens)
+        new = self._next_batch(None, max_size, max(step_budget - cached.size, 1), token_budget)
+        if new is None and len(self.queue) and max_size != 0:
+            # A prompt longer than the step budget still gets in, alone, within the full budget.
+            new = self._next_batch(None, 1, s.max_batch_prefill_tokens, token_budget)
         if new is None:
             return await self._decode([cached], self._running)
         self._observer.on_concat("chunking")
