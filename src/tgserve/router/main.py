@@ -141,7 +141,8 @@ async def serve(args: argparse.Namespace) -> int:
     tracing = setup_tracing(args.otlp_endpoint, args.otlp_service_name)
     telemetry = Telemetry(metrics, tracing.tracer if tracing else None, args.log_prompts)
     backend = TracedShardClient(client, telemetry.traces) if tracing else client
-    scheduler = Scheduler(backend, settings, observer=MetricsObserver(metrics))
+    scheduler = Scheduler(backend, settings, observer=MetricsObserver(metrics),
+                          mixed_prefill=info.mixed_prefill)
     if isinstance(backend, TracedShardClient):
         backend.lookup = scheduler_lookup(scheduler)
     scheduler.start()

@@ -264,11 +264,7 @@ class Scheduler:
 
     async def _serve_queue(self) -> None:
         s = self.settings
-        while (
-            nb := self._next_batch(
-                None, s.max_batch_size, s.max_batch_prefill_tokens, s.max_batch_total_tokens
-            )
-        ) is not None:
+        while (nb := self._first_batch()) is not None:
             self._running = nb.entries
             cached = await self._prefill(nb, self._running)
             waiting_tokens = 1
@@ -290,6 +286,26 @@ class Scheduler:
                 cached = await self._decode(batches, self._running)
                 waiting_tokens += 1
 
+    def _first_batch(self) -> NextBatch | None:
+        s = self.settings
+        if self.mixed_prefill:
+            # Start with one step's worth: the rest joins over the next steps, first come first.
+            return self._mixed_admission(0, s.max_batch_size, s.max_batch_total_tokens)
+        return self._next_batch(
+            None, s.max_batch_size, s.max_batch_prefill_tokens, s.max_batch_total_tokens
+        )
+
+    def _mixed_admission(
+        self, running: int, max_size: int | None, token_budget: int
+    ) -> NextBatch | None:
+        s = self.settings
+        step_budget = min(s.max_step_prefill_tokens, s.max_batch_prefill_tokens)
+        new = self._next_batch(None, max_size, max(step_budget - running, 1), token_budget)
+        if new is None and len(self.queue) and max_size != 0:
+            # A prompt longer than the step budget still gets in, alone, within the full budget.
+            new = self._next_batch(None, 1, s.max_batch_prefill_tokens, token_budget)
+        return new
+
     async def _mixed_step(
         self, cached: generate_pb2.CachedBatch
     ) -> generate_pb2.CachedBatch | None:
@@ -297,11 +313,7 @@ class Scheduler:
         s = self.settings
         max_size = None if s.max_batch_size is None else max(s.max_batch_size - cached.size, 0)
         token_budget = max(s.max_batch_total_tokens - cached.max_tokens, 0)
-        step_budget = min(s.max_step_prefill_tokens, s.max_batch_prefill_tokens)
-        new = self._next_batch(None, max_size, max(step_budget - cached.size, 1), token_budget)
-        if new is None and len(self.queue) and max_size != 0:
-            # A prompt longer than the step budget still gets in, alone, within the full budget.
-            new = self._next_batch(None, 1, s.max_batch_prefill_tokens, token_budget)
+        new = self._mixed_admission(cached.size, max_size, token_budget)
         if new is None:
             return await self._decode([cached], self._running)
         self._observer.on_concat("chunking")
@@ -472,6 +484,7 @@ def shard_info(info: generate_pb2.InfoResponse, default_block_size: int) -> Shar
         eos_token_ids=tuple(info.eos_token_ids),
         vocab_size=info.vocab_size,
         support_chunking=info.support_chunking,
+        mixed_prefill=info.mixed_prefill,
         mixed_prefill=info.mixed_prefill,
         window_size=info.window_size if info.HasField("window_size") else None,
         speculate=info.speculate,

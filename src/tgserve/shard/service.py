@@ -157,11 +157,11 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
                                  max_total_tokens=result.max_total_tokens)
 
     async def Prefill(self, request, context):  # type: ignore[no-untyped-def]
-        if request.HasField("cached_batch"):
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "chunked prefill is not supported")
+        # With a cached batch, its next tokens are computed in the same forward (mixed prefill).
+        running = request.cached_batch.id if request.HasField("cached_batch") else None
         reqs = [new_request(r, self.generator.tokenizer) for r in request.batch.requests]
         result = await self._traced_step("Prefill", context, len(reqs), self.generator.prefill,
-                                         request.batch.id, reqs)
+                                         request.batch.id, reqs, running)
         return _step_response(pb.PrefillResponse, *self._owned(*result))
 
     async def Decode(self, request, context):  # type: ignore[no-untyped-def]
