@@ -485,7 +485,6 @@ def shard_info(info: generate_pb2.InfoResponse, default_block_size: int) -> Shar
         vocab_size=info.vocab_size,
         support_chunking=info.support_chunking,
         mixed_prefill=info.mixed_prefill,
-        mixed_prefill=info.mixed_prefill,
         window_size=info.window_size if info.HasField("window_size") else None,
         speculate=info.speculate,
     )
