@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from tgserve.shard.layers.linear import linear
 from tgserve.shard.loading.weights import Weights
 
 
@@ -42,7 +43,7 @@ class LMHead:
     world_size: int
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight)
         if self.world_size == 1:
             return logits
         parts = [torch.empty_like(logits) for _ in range(self.world_size)]

@@ -8,7 +8,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from tgserve.shard.layers.attention import cpu_kernels
 from tgserve.shard.loading.weights import Weights
+
+# Up to this many rows, a product is bound by reading the weight, which torch's GEMV streams at
+# about a third of memory bandwidth; the C++ kernel reads each weight row once for all rows.
+_MAX_KERNEL_ROWS = 8
 
 
 @dataclass
@@ -17,7 +22,29 @@ class Linear:
     bias: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through the C++ small-batch kernel for decode-sized float32 inputs on CPU."""
+    if _fits_kernel(x, weight, bias):
+        # x: [..., K] with at most 8 rows in all -> [rows, K] -> [..., N]
+        out = cpu_kernels.small_batch_linear(x.reshape(-1, x.shape[-1]), weight, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+def _fits_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and x.numel() <= _MAX_KERNEL_ROWS * x.shape[-1]
+        and x.numel() > 0
+        and weight.is_contiguous()
+        and (bias is None or bias.dtype == torch.float32)
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and cpu_kernels.available()
+    )
 
 
 def load_column(weights: Weights, prefixes: list[str], bias: bool) -> Linear:
