@@ -17,13 +17,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return router_main(argv[1:])
     if command == "benchmark":
-        import argparse
-
         from tgserve.benchmark import cli as bench
 
-        parser = argparse.ArgumentParser(prog="tgserve benchmark")
-        bench.add_arguments(parser)
-        return bench.run(parser.parse_args(argv[1:]))
+        return bench.main(argv[1:])
     return launch(argv)
 
 

@@ -11,7 +11,8 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from tgserve.benchmark.client import APIS, Endpoint, GenerationSettings
-from tgserve.benchmark.report import format_ratios, format_table, write_report
+from tgserve.benchmark.merge import format_report
+from tgserve.benchmark.report import write_report
 from tgserve.benchmark.runner import (
     BenchmarkConfig,
     BenchmarkError,
@@ -36,6 +37,19 @@ def parse_concurrency(text: str) -> tuple[int, ...]:
     return levels
 
 
+def parse_request_counts(text: str) -> int | tuple[int, ...]:
+    """'64' -> 64 (every level); '8,16,64' -> (8, 16, 64), one per --concurrency level."""
+    try:
+        counts = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer or comma-separated integers, got {text!r}"
+        ) from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"request counts must be >= 1, got {text!r}")
+    return counts[0] if len(counts) == 1 and "," not in text else counts
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Registers the benchmark's flags on `parser`."""
     add = parser.add_argument
@@ -56,7 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--peer-model", help="model name for the peer (default: asked from its /v1/models)")
     add("--concurrency", type=parse_concurrency, default=(1, 4, 16, 64), help="e.g. 1,4,16,64")
     add("--num-prompts", type=int, default=64, help="distinct deterministic prompts")
-    add("--num-requests", type=int, help="requests per level and server (default: --num-prompts)")
+    add(
+        "--num-requests",
+        type=parse_request_counts,
+        help="requests per level and server: one count, or one per --concurrency level, e.g. "
+        "8,16,64,64 (default: --num-prompts)",
+    )
     add("--max-new-tokens", type=int, default=128)
     add("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
     add(
@@ -68,6 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=int, default=0, help="seed of the prompt set")
     add("--warmup", type=int, default=2, help="warmup requests per server before the sweep")
     add("--timeout", type=float, default=600.0, help="seconds per request")
+    add(
+        "--idle-cpu-seconds",
+        type=float,
+        default=0.0,
+        help="after warmup, watch each --server-pid this long and report the CPU it burns idle",
+    )
     add("--out-dir", type=Path, help="write benchmark.json and benchmark.png here")
 
 
@@ -124,6 +149,7 @@ def build_config(args: argparse.Namespace) -> BenchmarkConfig:
         seed=args.seed,
         settings=settings,
         timeout_s=args.timeout,
+        idle_cpu_s=args.idle_cpu_seconds,
     )
 
 
@@ -145,10 +171,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, BenchmarkError) as exc:
         print(f"tgserve benchmark: {exc}", file=sys.stderr)
         return 1
-    print(format_table(results))
-    for other in results[1:]:
-        print()
-        print(format_ratios(results[0], other))
+    print(format_report(results))
     if args.out_dir is not None:
         paths = write_report(args.out_dir, config, results)
         print(f"\nwrote {paths.json}")
@@ -160,9 +183,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`tgserve benchmark [flags]`, or `tgserve benchmark merge FILE...`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["merge"]:
+        from tgserve.benchmark import merge
+
+        return merge.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="tgserve benchmark",
-        description="Closed-loop load generator for OpenAI-compatible and TGI servers.",
+        description="Closed-loop load generator for OpenAI-compatible and TGI servers. "
+        "`tgserve benchmark merge FILE...` merges the reports of separate runs.",
     )
     add_arguments(parser)
     return run(parser.parse_args(argv))

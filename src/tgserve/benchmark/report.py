@@ -119,6 +119,60 @@ def format_table(results: Sequence[ServerResult]) -> str:
     return _align(rows)
 
 
+# Side-by-side columns: (title, how to render one level).
+SIDE_BY_SIDE: tuple[tuple[str, Any], ...] = (
+    ("out tok/s", lambda lv: f"{lv.stats.output_tokens_per_s:.1f}"),
+    ("TTFT p50 ms", lambda lv: _ms(lv.stats.ttft_s, "p50")),
+    ("ITL p50 ms", lambda lv: _ms(lv.stats.itl_s, "p50")),
+    ("peak RSS MiB", lambda lv: _mib(lv.peak_rss_bytes)),
+)
+
+
+def format_side_by_side(results: Sequence[ServerResult]) -> str:
+    """One row per concurrency level; each metric has a column per server, in the given order."""
+    levels = sorted({lv.stats.concurrency for r in results for lv in r.levels})
+    names = [r.name for r in results]
+    groups = ["", *(title for title, _ in SIDE_BY_SIDE for _ in names)]
+    rows = [["conc", *(name for _ in SIDE_BY_SIDE for name in names)]]
+    for concurrency in levels:
+        row = [str(concurrency)]
+        for _, render in SIDE_BY_SIDE:
+            for result in results:
+                level = result.level(concurrency)
+                row.append("-" if level is None else render(level))
+        rows.append(row)
+    # A title wider than its servers' columns widens the first of them.
+    for g, (title, _) in enumerate(SIDE_BY_SIDE):
+        first = 1 + g * len(names)
+        widths = [max(len(row[c]) for row in rows) for c in range(first, first + len(names))]
+        deficit = len(title) - (sum(widths) + 2 * (len(names) - 1))
+        if deficit > 0:
+            rows[0][first] = rows[0][first].rjust(widths[0] + deficit)
+    table = _align(rows)
+    widths = [len(cell) for cell in table.splitlines()[1].split("  ")]
+    text = _group_header(groups, widths) + "\n" + table
+    idle = [
+        f"{r.name} {r.idle_cpu_percent:.1f}%" for r in results if r.idle_cpu_percent is not None
+    ]
+    if idle:
+        text += "\nidle CPU after warmup (100% = one core): " + ", ".join(idle)
+    return text
+
+
+def _group_header(groups: Sequence[str], widths: Sequence[int]) -> str:
+    """Each metric's title centred over its servers' columns."""
+    cells: list[str] = []
+    i = 0
+    while i < len(groups):
+        j = i
+        while j + 1 < len(groups) and groups[j + 1] == groups[i]:
+            j += 1
+        span = sum(widths[i : j + 1]) + 2 * (j - i)
+        cells.append(groups[i].center(span))
+        i = j + 1
+    return "  ".join(cells).rstrip()
+
+
 def format_ratios(first: ServerResult, second: ServerResult) -> str:
     """The ratio table with a line saying which way is better."""
     ratios = compute_ratios(first, second)
@@ -137,7 +191,7 @@ def _fmt_ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def _server_dict(result: ServerResult) -> dict[str, Any]:
+def server_dict(result: ServerResult) -> dict[str, Any]:
     return {
         "name": result.name,
         "url": result.spec.endpoint.url,
@@ -145,6 +199,7 @@ def _server_dict(result: ServerResult) -> dict[str, Any]:
         "model": result.spec.endpoint.model,
         "pid": result.spec.pid,
         "peak_rss_bytes": result.peak_rss_bytes,
+        "idle_cpu_percent": result.idle_cpu_percent,
         "levels": [
             {
                 **lv.stats.to_dict(),
@@ -164,7 +219,7 @@ def to_json_dict(config: BenchmarkConfig, results: Sequence[ServerResult]) -> di
     return {
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "config": settings,
-        "servers": [_server_dict(r) for r in results],
+        "servers": [server_dict(r) for r in results],
         "ratios": [
             {
                 "first": results[0].name,

@@ -1,9 +1,11 @@
-"""Peak resident memory of a server's process tree, sampled from /proc while a run goes on."""
+"""Peak resident memory of a server's process tree, sampled from /proc while a run goes on; and
+the CPU time the tree burns (to tell whether an idle server keeps a core busy)."""
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -67,6 +69,30 @@ def sample_tree(pid: int, proc: Path = PROC) -> TreeMemory:
         hwm_bytes=sum(s.get("VmHWM", 0) for s in statuses) * 1024,
         num_processes=len(statuses),
     )
+
+
+def cpu_seconds(pid: int, proc: Path = PROC) -> float:
+    """User plus system CPU time of one process so far; 0.0 when it is gone."""
+    try:
+        text = (proc / str(pid) / "stat").read_text()
+    except OSError:
+        return 0.0
+    fields = text[text.rindex(")") + 2 :].split()
+    # utime and stime are fields 14 and 15 of stat; fields[0] here is field 3 (the state).
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int, proc: Path = PROC) -> float:
+    """CPU time of `pid` and its living descendants (threads included, ended children not)."""
+    return sum(cpu_seconds(p, proc) for p in process_tree(pid, proc))
+
+
+def idle_cpu_percent(pid: int, seconds: float, proc: Path = PROC) -> float:
+    """Share of one core `pid`'s tree used over `seconds` of wall time (100.0: one full core)."""
+    start_cpu, start = tree_cpu_seconds(pid, proc), time.monotonic()
+    time.sleep(seconds)
+    elapsed = time.monotonic() - start
+    return 100.0 * (tree_cpu_seconds(pid, proc) - start_cpu) / elapsed if elapsed > 0 else 0.0
 
 
 @dataclass

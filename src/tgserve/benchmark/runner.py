@@ -19,7 +19,7 @@ from tgserve.benchmark.client import (
     send_request,
 )
 from tgserve.benchmark.prompts import Prompt, make_prompts
-from tgserve.benchmark.rss import RssSampler
+from tgserve.benchmark.rss import RssSampler, idle_cpu_percent
 from tgserve.benchmark.stats import LevelStats, RequestRecord, aggregate
 
 
@@ -42,12 +42,16 @@ class BenchmarkConfig:
     servers: tuple[ServerSpec, ...]
     concurrency: tuple[int, ...] = (1, 4, 16, 64)
     num_prompts: int = 64
-    num_requests: int | None = None  # per level and server; defaults to num_prompts
+    # Per level and server: one count for every level, or one per level (in `concurrency`'s
+    # order) so low levels stay cheap; defaults to num_prompts.
+    num_requests: int | tuple[int, ...] | None = None
     warmup_requests: int = 2
     seed: int = 0
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     timeout_s: float = 600.0
     rss_interval_s: float = 0.1
+    # After warmup, how long to watch each local server idle and report the CPU it burns.
+    idle_cpu_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.servers:
@@ -57,12 +61,27 @@ class BenchmarkConfig:
             raise ValueError(f"server names must differ, got {names}")
         if not self.concurrency or min(self.concurrency) < 1:
             raise ValueError(f"concurrency levels must be >= 1, got {self.concurrency}")
-        if self.requests_per_level < 1 or self.warmup_requests < 0:
+        if isinstance(self.num_requests, tuple) and len(self.num_requests) != len(self.concurrency):
+            raise ValueError(
+                f"{len(self.num_requests)} request counts for {len(self.concurrency)} "
+                "concurrency levels: give one count, or one per level"
+            )
+        counts = [self.requests_for(level) for level in self.concurrency]
+        if min(counts) < 1 or self.warmup_requests < 0:
             raise ValueError("num_requests must be >= 1 and warmup_requests >= 0")
 
+    def requests_for(self, concurrency: int) -> int:
+        """Requests sent at this level (to each server)."""
+        if self.num_requests is None:
+            return self.num_prompts
+        if isinstance(self.num_requests, int):
+            return self.num_requests
+        return self.num_requests[self.concurrency.index(concurrency)]
+
     @property
-    def requests_per_level(self) -> int:
-        return self.num_requests if self.num_requests is not None else self.num_prompts
+    def requests_per_level(self) -> list[int]:
+        """The request count of each level, in `concurrency`'s order."""
+        return [self.requests_for(level) for level in self.concurrency]
 
 
 @dataclass(frozen=True)
@@ -81,6 +100,7 @@ class ServerResult:
 
     spec: ServerSpec
     levels: list[LevelResult] = field(default_factory=list)
+    idle_cpu_percent: float | None = None  # of one core, measured after warmup
 
     @property
     def name(self) -> str:
@@ -149,7 +169,11 @@ async def run_benchmark(
             clients[spec.endpoint.name] = await stack.enter_async_context(client)
             spec = await _resolve_model(clients[spec.endpoint.name], spec)
             await _warm_up(clients[spec.endpoint.name], spec.endpoint, prompts, config)
-            results[spec.endpoint.name] = ServerResult(spec=spec)
+            results[spec.endpoint.name] = ServerResult(spec=spec, idle_cpu_percent=None)
+            if spec.pid and config.idle_cpu_s > 0:
+                results[spec.endpoint.name].idle_cpu_percent = await asyncio.to_thread(
+                    idle_cpu_percent, spec.pid, config.idle_cpu_s
+                )
             specs.append(spec)
         for concurrency, spec in level_order(specs, config.concurrency):
             name = spec.endpoint.name
@@ -196,7 +220,12 @@ async def _run_level(
     sampler = RssSampler(spec.pid, config.rss_interval_s).start() if spec.pid else None
     try:
         records = await run_closed_loop(
-            client, spec.endpoint, prompts, concurrency, config.requests_per_level, config.settings
+            client,
+            spec.endpoint,
+            prompts,
+            concurrency,
+            config.requests_for(concurrency),
+            config.settings,
         )
     finally:
         if sampler is not None:

@@ -60,6 +60,27 @@ class LevelStats:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LevelStats:
+        """The inverse of `to_dict` (keys it does not know, such as RSS, are ignored)."""
+        summaries = {
+            key: None if data.get(key) is None else Summary(**data[key])
+            for key in ("ttft_s", "itl_s", "tpot_s", "e2e_s")
+        }
+        plain = {
+            key: data[key]
+            for key in (
+                "concurrency",
+                "num_requests",
+                "num_errors",
+                "duration_s",
+                "requests_per_s",
+                "output_tokens_per_s",
+                "total_output_tokens",
+            )
+        }
+        return cls(**plain, **summaries, errors=tuple(data.get("errors", ())))
+
 
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0-100) with linear interpolation between ranks (numpy's default)."""
