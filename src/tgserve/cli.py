@@ -20,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
         from tgserve.benchmark import cli as bench
 
         return bench.main(argv[1:])
+    if command == "benchmark-shard":
+        from tgserve.benchmark.shard import cli as shard_bench
+
+        return shard_bench.main(argv[1:])
     return launch(argv)
 
 
