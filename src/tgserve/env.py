@@ -22,6 +22,11 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
+def prefix_caching() -> bool:
+    """TGI's PREFIX_CACHING switch (on unless set to a false value); the shards report it in Info."""
+    return os.environ.get("PREFIX_CACHING", "1").lower() not in ("0", "false", "no", "off")
+
+
 def child_environment(extra: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
     env.update(extra)

@@ -98,6 +98,24 @@ def test_completions_echo_scores_the_prompt(client: openai.OpenAI) -> None:
     assert len(values) == 6 and r.usage is not None and r.usage.completion_tokens == 0
 
 
+def test_completions_echo_gives_prompt_alternatives(client: openai.OpenAI) -> None:
+    """An evaluation harness's "is greedy" check: each prompt position's top alternatives."""
+    r = client.completions.create(
+        model="m", prompt="The capital of France is Paris", max_tokens=0, echo=True, logprobs=2
+    )
+    logprobs = r.choices[0].logprobs
+    assert logprobs is not None and logprobs.top_logprobs is not None
+    tops, values, tokens = logprobs.top_logprobs, logprobs.token_logprobs, logprobs.tokens
+    assert tops[0] is None and len(tops) == 6
+    for top, value, token in zip(tops[1:], values[1:], tokens[1:]):
+        assert top is not None and len(top) >= 2
+        assert max(top.values()) >= value - 1e-4  # the best alternative is at least as likely
+        if token in top:
+            assert abs(top[token] - value) < 1e-4
+    # " Paris" after "The capital of France is" is the model's first choice.
+    assert tokens[-1] == " Paris" and max(tops[-1], key=tops[-1].get) == " Paris"
+
+
 def test_logit_bias_bans_a_token(client: openai.OpenAI, server: LaunchedServer) -> None:
     tokens = httpx.post(f"{server.url}/tokenize", json={"inputs": "France is Paris"}).json()
     paris = tokens[-1]["id"]

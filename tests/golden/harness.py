@@ -21,6 +21,7 @@ class Output:
     logprobs: list[float] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     prefill: list[float] | None = None
+    prefill_top: list[tuple[list[int], list[float]]] | None = None
     finish: Generation | None = None
 
 
@@ -53,15 +54,22 @@ class Harness:
         top_n_tokens: int = 0,
         prefill_logprobs: bool = False,
         stop: tuple[str, ...] = (),
+        prefix_of: NewRequest | None = None,
+        cache_len: int = 0,
     ) -> NewRequest:
+        """With `prefix_of`, the first `cache_len` tokens (whole blocks) reuse that request's KV
+        blocks, as the router's prefix cache hands them out."""
+        assert cache_len % self.block_size == 0 and (cache_len == 0 or prefix_of is not None)
+        shared = list(prefix_of.slots[:cache_len]) if prefix_of is not None else []
         tokens = len(input_ids) + max_new_tokens - 1
-        n_blocks = -(-tokens // self.block_size)
+        n_blocks = -(-(tokens - cache_len) // self.block_size)
         blocks, self._free_blocks = self._free_blocks[:n_blocks], self._free_blocks[n_blocks:]
-        slots = [b * self.block_size + i for b in blocks for i in range(self.block_size)][:tokens]
+        own = [b * self.block_size + i for b in blocks for i in range(self.block_size)]
+        slots = (shared + own)[:tokens]
         return NewRequest(
             id=rid, input_ids=list(input_ids), slots=slots, params=params or SamplingParams(),
             stopping=StoppingParams(max_new_tokens, stop, ignore_eos),
-            top_n_tokens=top_n_tokens, prefill_logprobs=prefill_logprobs,
+            top_n_tokens=top_n_tokens, prefill_logprobs=prefill_logprobs, cache_len=cache_len,
         )
 
     def _record(self, generations: list[Generation]) -> None:
@@ -69,6 +77,7 @@ class Harness:
             out = self.outputs.setdefault(g.request_id, Output())
             if g.prefill_tokens is not None:
                 out.prefill = g.prefill_tokens.logprobs
+                out.prefill_top = [(t.ids, t.logprobs) for t in g.prefill_top_tokens]
             out.ids.extend(g.tokens.ids)
             out.logprobs.extend(g.tokens.logprobs)
             out.texts.extend(g.tokens.texts)

@@ -32,13 +32,20 @@ def test_prefill_logits_match(arch) -> None:  # type: ignore[no-untyped-def]
     name, folder, reference = arch
     h = Harness(folder)
     ids = prompt(1, 40)
-    h.add([h.request(1, ids, 1, prefill_logprobs=True)])
+    h.add([h.request(1, ids, 1, prefill_logprobs=True, top_n_tokens=3)])
     with torch.no_grad():
         ref = torch.log_softmax(reference(torch.tensor([ids])).logits[0].float(), -1)
     expected = [ref[t, ids[t + 1]].item() for t in range(len(ids) - 1)]
     got = h.outputs[1].prefill
     assert got is not None and math.isnan(got[0])
     assert torch.allclose(torch.tensor(got[1:]), torch.tensor(expected), atol=1e-4)
+    # Each prompt position's best 3 alternatives (the first position has none).
+    tops = h.outputs[1].prefill_top
+    assert tops is not None and len(tops) == len(ids) and tops[0] == ([], [])
+    best = ref[:-1].topk(3, dim=-1)
+    for t, (top_ids, top_lps) in enumerate(tops[1:]):
+        assert top_ids == best.indices[t].tolist()
+        assert torch.allclose(torch.tensor(top_lps), best.values[t], atol=1e-4)
 
 
 def test_prefill_raw_logits_match(arch) -> None:  # type: ignore[no-untyped-def]
@@ -101,3 +108,36 @@ def test_greedy_inside_a_moving_batch(arch, mixed: bool) -> None:  # type: ignor
         expected, _ = hf_greedy(reference, prompts[rid], budgets[rid])
         assert h.outputs[rid].ids == expected, f"request {rid} diverged ({name})"
     assert h.outputs[4].finish is None  # cancelled before its end
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["separate-prefill", "mixed-prefill"])
+def test_greedy_from_a_cached_prefix(arch, mixed: bool) -> None:  # type: ignore[no-untyped-def]
+    """B and C skip the first 32 prompt tokens, whose KV A computed: their tokens are unchanged.
+
+    B shares A's first 33 tokens then goes its own way; C is A's prompt again (the `n` > 1 case).
+    Both join while A decodes, so the cached blocks are read while A still uses them.
+    """
+    name, folder, reference = arch
+    a_ids = prompt(20, 40)
+    b_ids = a_ids[:33] + prompt(21, 14)
+    h = Harness(folder)
+    a = h.request(1, a_ids, NEW_TOKENS)
+    h.add([a])
+    for _ in range(3):
+        h.step()
+    b = h.request(2, b_ids, 24, prefix_of=a, cache_len=32)
+    c = h.request(3, a_ids, 24, prefix_of=a, cache_len=32)
+    forward = h.generator._forward
+    computed: list[int] = []
+    h.generator._forward = lambda inputs: (computed.append(len(inputs.input_ids)), forward(inputs))[1]
+    h.add([b, c], mixed)
+    # Only the uncached prompt tokens ran (plus A's next token when mixed).
+    assert computed == [(47 - 32) + (40 - 32) + (1 if mixed else 0)]
+    h.run_to_end()
+    expected_a, lp_a = hf_greedy(reference, a_ids, NEW_TOKENS)
+    expected_b, lp_b = hf_greedy(reference, b_ids, 24)
+    assert h.outputs[1].ids == expected_a
+    assert h.outputs[2].ids == expected_b, f"prefix-cached request diverged ({name})"
+    assert h.outputs[3].ids == expected_a[:24]
+    assert max(abs(x - y) for x, y in zip(h.outputs[2].logprobs, lp_b)) < 1e-4
+    assert max(abs(x - y) for x, y in zip(h.outputs[3].logprobs, lp_a)) < 1e-4

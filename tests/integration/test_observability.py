@@ -59,6 +59,7 @@ METRIC_TYPES = {
     "tgserve_kv_blocks_capacity": "gauge",
     "tgserve_requests_cancelled": "counter",
     "tgserve_requests_rejected": "counter",
+    "tgserve_prompt_tokens": "counter",
     "tgserve_shard_forward_duration_seconds": "histogram",
 }
 # promtool's lint objects to TGI's own counter names; any other finding fails the test.

@@ -74,3 +74,105 @@ def test_can_ever_fit_counts_only_usable_blocks() -> None:
     assert allocator.total_tokens == 8
     assert allocator.can_ever_fit(8)
     assert not allocator.can_ever_fit(9)
+
+
+# ---- prefix caching -------------------------------------------------------------------------
+
+PROMPT = list(range(100, 111))  # 11 tokens: 2 full blocks of 4 can be skipped, the 3rd holds the last
+
+
+def cached_allocator(num_blocks: int = 12) -> BlockAllocator:
+    return BlockAllocator(num_blocks=num_blocks, block_size=4, prefix_caching=True)
+
+
+def test_nothing_is_reused_before_the_prefill_commits() -> None:
+    allocator = cached_allocator()
+    first = allocator.allocate(len(PROMPT) + 4, PROMPT)
+    second = allocator.allocate(len(PROMPT) + 4, PROMPT)
+    assert first is not None and second is not None
+    assert second.prefix_len == 0 and set(first.blocks).isdisjoint(second.blocks)
+
+
+def test_a_committed_prompt_is_reused_block_for_block() -> None:
+    allocator = cached_allocator()
+    first = allocator.allocate(len(PROMPT) + 4, PROMPT)
+    assert first is not None
+    allocator.commit(first)
+    longer = PROMPT[:9] + [7, 7, 7]  # shares 9 tokens: 2 full blocks
+    second = allocator.allocate(len(longer) + 4, longer)
+    assert second is not None
+    assert second.prefix_len == 8
+    assert second.blocks[:2] == first.blocks[:2]
+    assert set(second.blocks[2:]).isdisjoint(first.blocks)
+    # A different first block changes every hash after it: nothing is reused.
+    other = allocator.allocate(20, [1] + PROMPT[1:])
+    assert other is not None and other.prefix_len == 0
+
+
+def test_the_last_prompt_token_is_never_cached() -> None:
+    allocator = cached_allocator()
+    prompt = list(range(8))  # exactly 2 blocks: only the first may be skipped
+    first = allocator.allocate(12, prompt)
+    assert first is not None
+    allocator.commit(first)
+    again = allocator.allocate(12, prompt)
+    assert again is not None and again.prefix_len == 4
+
+
+def test_freed_cached_blocks_stay_reusable_until_evicted() -> None:
+    allocator = cached_allocator(num_blocks=6)  # 5 usable blocks
+    first = allocator.allocate(len(PROMPT), PROMPT)  # 3 blocks
+    assert first is not None
+    allocator.commit(first)
+    allocator.free(first)
+    assert allocator.free_blocks == 5 and allocator.cached_blocks == 2
+    again = allocator.allocate(len(PROMPT), PROMPT)
+    assert again is not None and again.prefix_len == 8
+    assert allocator.used_blocks == 3
+    allocator.free(again)
+    # Room is needed: the idle cached blocks are evicted, least recently released first.
+    big = allocator.allocate(20, [1] * 20)
+    assert big is not None and len(big.blocks) == 5
+    assert allocator.cached_blocks == 0
+    allocator.free(big)
+    miss = allocator.allocate(len(PROMPT), PROMPT)
+    assert miss is not None and miss.prefix_len == 0
+
+
+def test_shared_blocks_return_only_when_the_last_user_frees() -> None:
+    allocator = cached_allocator(num_blocks=9)  # 8 usable
+    first = allocator.allocate(len(PROMPT) + 1, PROMPT)  # 3 blocks
+    assert first is not None
+    allocator.commit(first)
+    second = allocator.allocate(len(PROMPT) + 1, PROMPT)  # 2 shared + 1 own
+    assert second is not None
+    assert allocator.used_blocks == 4
+    allocator.free(first)
+    assert allocator.used_blocks == 3  # the shared 2 are still used by `second`
+    # An allocation may not take blocks `second` still reads.
+    assert allocator.allocate(4 * 6, [5] * 24) is None
+    filler = allocator.allocate(4 * 5, [5] * 20)
+    assert filler is not None and set(filler.blocks).isdisjoint(second.blocks)
+    allocator.free(second)
+    allocator.free(filler)
+    assert allocator.used_blocks == 0
+
+
+def test_a_failed_allocation_takes_nothing_and_revives_nothing() -> None:
+    allocator = cached_allocator(num_blocks=5)  # 4 usable
+    first = allocator.allocate(len(PROMPT), PROMPT)
+    assert first is not None
+    allocator.commit(first)
+    allocator.free(first)
+    # Reusing 2 idle blocks still leaves only 2 others for the 3 more this one needs.
+    assert allocator.allocate(len(PROMPT) + 10, PROMPT) is None
+    assert allocator.free_blocks == 4 and allocator.cached_blocks == 2
+
+
+def test_prefix_caching_off_ignores_the_prompt() -> None:
+    allocator = BlockAllocator(num_blocks=12, block_size=4)
+    first = allocator.allocate(len(PROMPT), PROMPT)
+    assert first is not None
+    allocator.commit(first)
+    second = allocator.allocate(len(PROMPT), PROMPT)
+    assert second is not None and second.prefix_len == 0

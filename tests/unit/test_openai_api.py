@@ -61,7 +61,10 @@ def pieces(*texts: str, reason: FinishReason = FinishReason.EOS_TOKEN) -> Script
                     [
                         Token(i, f"<{i}>", None if k == 0 else -0.25)
                         for k, i in enumerate(request.input_ids)
-                    ]
+                    ],
+                    # As the shard does: nothing for the first position, top-n for the others.
+                    [[]] + [[Token(7, " y", -0.1)] * request.top_n_tokens]
+                    * (len(request.input_ids) - 1),
                 )
             )
         tokens = [tok(10 + k, t, -0.5 - call) for k, t in enumerate(texts)]
@@ -266,7 +269,9 @@ def test_chat_sampling_parameters_reach_the_request(tokenizer: RouterTokenizer) 
     first, second = backend.requests
     p = first.parameters
     assert (p.do_sample, p.temperature, p.top_p, p.seed) == (True, 0.5, 0.9, 7)
-    assert (p.presence_penalty, p.frequency_penalty, p.logit_bias) == (0.5, -0.5, {4: -100.0})
+    assert (p.presence_penalty, p.logit_bias) == (0.5, {4: -100.0})
+    # OpenAI's frequency penalty (per occurrence), not TGI's length-normalised one.
+    assert (p.additive_frequency_penalty, p.frequency_penalty) == (-0.5, 0.0)
     assert second.parameters.seed == 8  # n siblings get distinct seeds
     assert first.stopping.max_new_tokens == 5 and first.stopping.stop_sequences == ("x",)
     assert first.stopping.ignore_eos_token is True
@@ -530,7 +535,7 @@ def test_completion_echo_with_prompt_logprobs(tokenizer: RouterTokenizer) -> Non
     lp = choice["logprobs"]
     assert lp["tokens"] == ["<3>", "<4>", " hello", " world"]
     assert lp["token_logprobs"] == [None, -0.25, -0.5, -0.5]
-    assert lp["top_logprobs"] == [None, None, {" x": -1.0}, {" x": -1.0}]
+    assert lp["top_logprobs"] == [None, {" y": -0.1}, {" x": -1.0}, {" x": -1.0}]
     assert lp["text_offset"] == [0, 3, 11, 17]
 
 

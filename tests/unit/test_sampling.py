@@ -72,6 +72,15 @@ def test_frequency_penalty_is_normalised_by_length() -> None:
     assert _same_bits(F.frequency_penalty(scores, counts, seq_lens, torch.full((3,), -0.0)), scores)
 
 
+def test_additive_frequency_penalty_is_openai_formula() -> None:
+    scores = torch.tensor([[1.0, 2.0, -1.0, 0.5]])
+    counts = torch.tensor([[0.0, 3.0, 1.0, 0.0]])
+    out = F.additive_frequency_penalty(scores, counts, torch.tensor([0.5]))
+    assert out.tolist() == [[1.0, 0.5, -1.5, 0.5]]  # 2 - 3*0.5, -1 - 1*0.5
+    off = F.additive_frequency_penalty(scores, counts, torch.tensor([0.0]))
+    assert torch.equal(off, scores)
+
+
 def test_presence_penalty_flat_on_present_tokens() -> None:
     scores, counts = _logits(3, 10), _counts(3, 10)
     penalty = torch.tensor([0.0, 0.8, -0.3])
@@ -239,6 +248,7 @@ def _reference_scores(
     row = F.frequency_penalty(
         row, seen, torch.tensor([float(len(history))]), torch.tensor([p.frequency_penalty])
     )
+    row = F.additive_frequency_penalty(row, gen, torch.tensor([p.additive_frequency_penalty]))
     row = F.presence_penalty(row, gen, torch.tensor([p.presence_penalty]))
     for tok, bias in p.logit_bias.items():
         row[0, tok] += bias
@@ -253,6 +263,7 @@ MIXED = [
     SamplingParams(),
     SamplingParams(repetition_penalty=1.4),
     SamplingParams(frequency_penalty=0.9, presence_penalty=0.5, logit_bias={3: 4.0, 7: -9.0}),
+    SamplingParams(additive_frequency_penalty=0.7, presence_penalty=-0.3),
     SamplingParams(do_sample=True, seed=11, temperature=0.7, top_k=6),
     SamplingParams(watermark=True, top_p=0.8, seed=3),
     SamplingParams(typical_p=0.6, seed=4, repetition_penalty=0.8),

@@ -142,7 +142,7 @@ async def serve(args: argparse.Namespace) -> int:
     telemetry = Telemetry(metrics, tracing.tracer if tracing else None, args.log_prompts)
     backend = TracedShardClient(client, telemetry.traces) if tracing else client
     scheduler = Scheduler(backend, settings, observer=MetricsObserver(metrics),
-                          mixed_prefill=info.mixed_prefill)
+                          mixed_prefill=info.mixed_prefill, prefix_caching=info.prefix_caching)
     if isinstance(backend, TracedShardClient):
         backend.lookup = scheduler_lookup(scheduler)
     scheduler.start()

@@ -76,6 +76,7 @@ class Metrics:
     kv_blocks_total: Gauge
     requests_cancelled: Counter
     requests_rejected: Counter
+    prompt_tokens: Counter
     shard_forward_duration: Histogram
 
     @classmethod
@@ -150,6 +151,9 @@ class Metrics:
                                        "Requests whose client left", ["reason"], registry=r),
             requests_rejected=Counter("tgserve_requests_rejected",
                                       "Requests refused before queueing", ["reason"], registry=r),
+            prompt_tokens=Counter("tgserve_prompt_tokens",
+                                  "Prompt tokens admitted to a prefill, computed or taken from "
+                                  "the prefix cache", ["source"], registry=r),
             shard_forward_duration=hist("tgserve_shard_forward_duration_seconds",
                                         "Model forward seconds of each shard", d,
                                         ("method", "shard")),
@@ -166,6 +170,8 @@ class Metrics:
             self.batch_concat.labels(reason=reason)
         for reason in CANCEL_REASONS:
             self.requests_cancelled.labels(reason=reason)
+        for source in ("computed", "cached"):
+            self.prompt_tokens.labels(source=source)
         for method in STEP_METHODS:
             for counter in (self.batch_inference_count, self.batch_inference_success,
                             self.batch_inference_failure):
@@ -282,6 +288,10 @@ class MetricsObserver:
     def on_blocks(self, used: int, total: int) -> None:
         self.m.kv_blocks_used.set(used)
         self.m.kv_blocks_total.set(total)
+
+    def on_prompt_tokens(self, computed: int, cached: int) -> None:
+        self.m.prompt_tokens.labels(source="computed").inc(computed)
+        self.m.prompt_tokens.labels(source="cached").inc(cached)
 
     def on_request_dropped(self) -> None:
         # Counted once per HTTP request by observe.RequestTracker, which also sees requests that

@@ -81,9 +81,16 @@ class ChoiceDecoder:
     def mean_logprob(self) -> float:
         return self.logprob_sum / self.completion_tokens if self.completion_tokens else -math.inf
 
-    def echo(self, text: str, prompt_tokens: Sequence[Token] = ()) -> Delta:
-        """The prompt itself, first in the choice (completions' `echo`)."""
-        entries = tuple(token_logprob(t, prompt=True) for t in prompt_tokens)
+    def echo(
+        self,
+        text: str,
+        prompt_tokens: Sequence[Token] = (),
+        prompt_tops: Sequence[Sequence[Token]] = (),
+    ) -> Delta:
+        """The prompt itself, first in the choice (completions' `echo`); `prompt_tops` are each
+        prompt position's alternatives, when the shard computed them."""
+        tops = list(prompt_tops) + [[]] * (len(prompt_tokens) - len(prompt_tops))
+        entries = tuple(token_logprob(t, top, prompt=True) for t, top in zip(prompt_tokens, tops))
         self.text += text
         self.released = len(self.text)
         self._stop_scan_from = len(self.text)  # a stop inside the prompt does not count

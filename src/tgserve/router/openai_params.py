@@ -181,9 +181,15 @@ def _siblings(first: ValidRequest, count: int, seed: int | None) -> list[ValidRe
 
 
 def _finish_request(request: ValidRequest, req: _Sampling, vocab_size: int) -> ValidRequest:
-    """What GenerateParameters cannot carry: OpenAI's presence penalty and logit bias."""
+    """What GenerateParameters cannot carry: OpenAI's penalties and logit bias.
+
+    `frequency_penalty` went through GenerateParameters for TGI's range check only: OpenAI's
+    penalty is count * penalty over the generated tokens, not TGI's length-normalised one.
+    """
     params = replace(
         request.parameters,
+        frequency_penalty=0.0,
+        additive_frequency_penalty=req.frequency_penalty or 0.0,
         presence_penalty=req.presence_penalty or 0.0,
         logit_bias=_logit_bias(req.logit_bias, vocab_size),
     )

@@ -101,14 +101,19 @@ class Run:
         )
         self.track.ended(generated, now, now)
 
-    async def _run_choice(self, choice: ChoicePlan, out: asyncio.Queue[Any]) -> None:
+    async def _run_choice(
+        self, choice: ChoicePlan, out: asyncio.Queue[Any], prefilled: asyncio.Event | None
+    ) -> None:
         decoder = self.decoders[choice.index]
         pending_echo = choice.echo
         async with _events(self.infer, choice.request, self.track) as events:
             async for event in events:
+                if prefilled is not None:
+                    prefilled.set()
                 if pending_echo is not None:
-                    prompt = event.tokens if isinstance(event, PrefillEvent) else []
-                    out.put_nowait((choice, decoder.echo(pending_echo, prompt)))
+                    prefill = event if isinstance(event, PrefillEvent) else PrefillEvent([])
+                    delta = decoder.echo(pending_echo, prefill.tokens, prefill.top_tokens)
+                    out.put_nowait((choice, delta))
                     pending_echo = None
                 if isinstance(event, PrefillEvent):
                     continue
@@ -121,17 +126,42 @@ class Run:
                     return
         raise IncompleteGenerationError()
 
-    async def _guarded(self, choice: ChoicePlan, out: asyncio.Queue[Any]) -> None:
+    async def _guarded(
+        self,
+        choice: ChoicePlan,
+        out: asyncio.Queue[Any],
+        wait_for: asyncio.Event | None = None,
+        prefilled: asyncio.Event | None = None,
+    ) -> None:
         try:
-            await self._run_choice(choice, out)
+            if wait_for is not None:
+                await wait_for.wait()
+            await self._run_choice(choice, out, prefilled)
             out.put_nowait((choice, _FINISHED))
         except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
             out.put_nowait((choice, exc))
+        finally:
+            if prefilled is not None:
+                prefilled.set()  # never leave the siblings waiting, whatever happened
+
+    def _start(self, out: asyncio.Queue[Any]) -> list[asyncio.Future[None]]:
+        """One task per choice. With a prefix cache, a prompt's first choice goes alone and its
+        siblings follow once its prefill has run, so they reuse its prompt KV instead of each
+        computing the prompt again (`n`/`best_of` pay for the prompt once)."""
+        if not getattr(self.infer.backend, "prefix_caching", False):
+            return [asyncio.ensure_future(self._guarded(c, out)) for c in self.plan.choices]
+        tasks = []
+        for group in prompt_groups(self.plan):
+            prefilled = asyncio.Event() if len(group) > 1 else None
+            leader, *followers = group
+            tasks.append(asyncio.ensure_future(self._guarded(leader, out, None, prefilled)))
+            tasks += [asyncio.ensure_future(self._guarded(c, out, prefilled)) for c in followers]
+        return tasks
 
     async def deltas(self) -> AsyncIterator[tuple[ChoicePlan, Delta]]:
         """Every choice's deltas as they happen; the first failure ends (and cancels) them all."""
         out: asyncio.Queue[Any] = asyncio.Queue()
-        tasks = [asyncio.ensure_future(self._guarded(c, out)) for c in self.plan.choices]
+        tasks = self._start(out)
         remaining = len(tasks)
         try:
             while remaining:
@@ -247,7 +277,7 @@ class CompletionOffsets:
         return CompletionLogprobs(
             tokens=[e.text for e in entries],
             token_logprobs=[e.logprob for e in entries],
-            # Prompt positions have no alternatives from the shard: null, not a made-up {}.
+            # The first prompt position has no prediction, so no alternatives: null, as OpenAI.
             top_logprobs=[dict(e.top) if e.top or not e.prompt else None for e in entries],
             text_offset=offsets,
         )

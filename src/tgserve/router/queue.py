@@ -177,6 +177,7 @@ def to_pb_request(
             repetition_penalty=p.repetition_penalty,
             frequency_penalty=p.frequency_penalty,
             presence_penalty=p.presence_penalty,
+            additive_frequency_penalty=p.additive_frequency_penalty,
             watermark=p.watermark,
             logit_bias=p.logit_bias,
         ),

@@ -68,6 +68,7 @@ class SchedulerObserver(Protocol):
     def on_filter(self, method: str, duration: float) -> None: ...
     def on_blocks(self, used: int, total: int) -> None: ...
     def on_request_dropped(self) -> None: ...
+    def on_prompt_tokens(self, computed: int, cached: int) -> None: ...
 
 
 class NoopObserver:
@@ -101,6 +102,9 @@ class NoopObserver:
     def on_request_dropped(self) -> None:
         pass
 
+    def on_prompt_tokens(self, computed: int, cached: int) -> None:
+        pass
+
 
 class ShardBackend(Protocol):
     """The part of ShardClient the scheduler uses (tests pass a fake)."""
@@ -129,6 +133,7 @@ class Scheduler:
         observer: SchedulerObserver | None = None,
         speculate: int = 0,
         mixed_prefill: bool = False,
+        prefix_caching: bool = False,
     ) -> None:
         self._client = client
         self.settings = settings
@@ -137,13 +142,19 @@ class Scheduler:
         self.mixed_prefill = mixed_prefill
         self._observer: SchedulerObserver = observer or NoopObserver()
         num_blocks = settings.max_batch_total_tokens // settings.block_size
-        self.allocator = BlockAllocator(num_blocks, settings.block_size)
+        # Blocks of prompts already computed are reused by later prompts that start the same way.
+        self.allocator = BlockAllocator(num_blocks, settings.block_size, prefix_caching)
         self.queue = Queue(self.allocator, speculate, on_drop=self._on_queue_drop)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._running: Entries = {}
         self._joining: Entries = {}  # a new batch while its prefill is in flight
         self._healthy = True
+
+    @property
+    def prefix_caching(self) -> bool:
+        """Whether a prompt computed once is reused by later requests that start with it."""
+        return self.allocator.prefix_caching
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -342,6 +353,9 @@ class Scheduler:
         self._observer.on_queue_size(len(self.queue))
         if nb is not None:
             self._observer.on_next_batch_size(len(nb.entries))
+            cached = sum(e.allocation.prefix_len for e in nb.entries.values() if e.allocation)
+            total = sum(e.request.input_length for e in nb.entries.values())
+            self._observer.on_prompt_tokens(total - cached, cached)
             self._report_blocks()
         return nb
 
@@ -356,6 +370,9 @@ class Scheduler:
             await self._step_failed("prefill", failed, entries, err)
             return None
         self._observer.on_prefill(time.perf_counter() - start, len(entries), result.timings)
+        for entry in nb.entries.values():
+            if entry.allocation is not None:
+                self.allocator.commit(entry.allocation)
         return await self._after_step("prefill", result, entries)
 
     async def _decode(
@@ -485,6 +502,7 @@ def shard_info(info: generate_pb2.InfoResponse, default_block_size: int) -> Shar
         vocab_size=info.vocab_size,
         support_chunking=info.support_chunking,
         mixed_prefill=info.mixed_prefill,
+        prefix_caching=info.use_prefix_caching,
         window_size=info.window_size if info.HasField("window_size") else None,
         speculate=info.speculate,
     )

@@ -220,7 +220,8 @@ def generation_events(
     """One shard Generation as events: [Prefill], a TokenEvent per token, EndEvent when done."""
     events: list[InferEvent] = []
     if with_prefill and generation.prefill_tokens.ids:
-        events.append(PrefillEvent(to_tokens(generation.prefill_tokens)))
+        prompt_tops = [to_tokens(t) for t in generation.prefill_top_tokens]
+        events.append(PrefillEvent(to_tokens(generation.prefill_tokens), prompt_tops))
     tokens = to_tokens(generation.tokens)
     tops = [to_tokens(t) for t in generation.top_tokens]
 

@@ -25,6 +25,8 @@ class SamplingParameters:
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    # OpenAI's frequency penalty (per occurrence in the output), beside TGI's normalised one.
+    additive_frequency_penalty: float = 0.0
     watermark: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)
 
@@ -75,6 +77,8 @@ class PrefillEvent:
     """Prompt tokens with their log-probabilities (only when decoder_input_details was asked)."""
 
     tokens: list[Token]
+    # Per prompt position, its best alternatives (when top_n_tokens was asked too).
+    top_tokens: list[list[Token]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -124,5 +128,6 @@ class ShardInfo:
     vocab_size: int
     support_chunking: bool = False
     mixed_prefill: bool = False
+    prefix_caching: bool = False
     window_size: int | None = None
     speculate: int = 0

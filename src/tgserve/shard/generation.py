@@ -30,6 +30,8 @@ class Generation:
     prefill_tokens: Tokens | None = None
     generated_text: GeneratedText | None = None
     top_tokens: list[Tokens] = field(default_factory=list)
+    # Per prompt position, its top-n alternatives (prompt logprobs with top_n_tokens only).
+    prefill_top_tokens: list[Tokens] = field(default_factory=list)
 
 
 @dataclass

@@ -16,11 +16,14 @@ from tgserve.shard.kv_cache import KVCache
 from tgserve.shard.models.base import CausalLM
 from tgserve.shard.runner import ForwardInputs, prepare_decode, prepare_forward
 from tgserve.shard.sampling.chooser import NextTokenChooser
-from tgserve.shard.sampling.logprobs import batch_top_tokens, prompt_logprobs
+from tgserve.shard.sampling.logprobs import batch_top_tokens, prompt_logprobs, prompt_top_tokens
 from tgserve.shard.sampling.params import SamplingParams, StoppingParams
 from tgserve.shard.sampling.stopping import StoppingCriteria
 
 log = logging.getLogger(__name__)
+
+# A prompt's tokens with their logprobs, and per position its top-n alternatives.
+PromptTokens = tuple[Tokens, list[Tokens]]
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ class Generator:
         inputs = prepare_forward(running, requests, [r.cache_len for r in new], self.device)
         logits, forward_ns = self._forward(inputs)
         assert inputs.sample_rows is not None
-        prompt_tokens = [None] * (len(running) if running else 0)
+        prompt_tokens: list[PromptTokens | None] = [None] * (len(running) if running else 0)
         prompt_tokens += self._prompt_tokens(requests, inputs, logits)
         batch = Batch.concatenate([running, joining]) if running is not None else joining
         return self._step(batch, logits.index_select(0, inputs.sample_rows), prompt_tokens,
@@ -142,6 +145,16 @@ class Generator:
                 f"request {r.id} has {len(r.slots)} KV slots but needs {needed} "
                 f"({len(r.input_ids)} prompt + {r.stopping.max_new_tokens} new - 1)"
             )
+        if r.prefill_logprobs and r.cache_len:
+            raise ShardError(
+                f"request {r.id} asks for prompt logprobs, which need every prompt token computed, "
+                f"but {r.cache_len} come from the prefix cache"
+            )
+        if not 0 <= r.cache_len < len(r.input_ids):
+            raise ShardError(
+                f"request {r.id} has cache_len {r.cache_len} for {len(r.input_ids)} prompt tokens: "
+                "at least the last one must be computed"
+            )
         assert self.kv_cache is not None
         if r.slots and max(r.slots) >= self.kv_cache.num_slots:
             raise ShardError(f"request {r.id} names slot {max(r.slots)} beyond the KV cache")
@@ -159,25 +172,33 @@ class Generator:
 
     def _prompt_tokens(
         self, requests: list[RequestState], inputs: ForwardInputs, logits: torch.Tensor
-    ) -> list[Tokens | None]:
-        out: list[Tokens | None] = []
+    ) -> list[PromptTokens | None]:
+        out: list[PromptTokens | None] = []
         assert inputs.prompt_logit_spans is not None
         for r, span in zip(requests, inputs.prompt_logit_spans):
             if span is None:
                 out.append(None)
                 continue
             ids = r.all_ids[: r.prompt_len]
+            rows = logits[span[0] : span[1] - 1]
             target = torch.tensor(ids[1:], dtype=torch.long, device=logits.device)
-            lp = prompt_logprobs(logits[span[0] : span[1] - 1], target).tolist() if len(ids) > 1 else []
+            lp = prompt_logprobs(rows, target).tolist() if len(ids) > 1 else []
             texts = [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
-            out.append(Tokens(ids, [math.nan, *lp], texts, [i in self.special_ids for i in ids]))
+            tokens = Tokens(ids, [math.nan, *lp], texts, [i in self.special_ids for i in ids])
+            tops: list[Tokens] = []
+            if r.top_n_tokens and len(ids) > 1:
+                # The first prompt token has no prediction: it gets an empty list.
+                tops = [Tokens([], [], [], [])] + [
+                    self._top_tokens(*top) for top in prompt_top_tokens(rows, r.top_n_tokens)
+                ]
+            out.append((tokens, tops))
         return out
 
     def _step(
         self,
         batch: Batch,
         logits: torch.Tensor,
-        prompt_tokens: list[Tokens | None] | None,
+        prompt_tokens: list[PromptTokens | None] | None,
         start_ns: int,
         forward_ns: int,
     ) -> tuple[list[Generation], Batch | None, StepTimings]:
@@ -196,8 +217,8 @@ class Generator:
         live: list[int] = []
         for i, r in enumerate(batch.requests):
             generation = self._advance(r, next_ids[i], logprobs[i])
-            if prompt_tokens is not None:
-                generation.prefill_tokens = prompt_tokens[i]
+            if prompt_tokens is not None and prompt_tokens[i] is not None:
+                generation.prefill_tokens, generation.prefill_top_tokens = prompt_tokens[i]
             if tops is not None and r.top_n_tokens:
                 generation.top_tokens = [self._top_tokens(*tops[i])]
             generations.append(generation)

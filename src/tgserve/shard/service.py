@@ -12,6 +12,7 @@ import grpc
 import torch
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from tgserve.env import prefix_caching
 from tgserve.pb import generate_pb2 as pb
 from tgserve.pb import generate_pb2_grpc as pb_grpc
 from tgserve.router.tracing import context_from_metadata
@@ -67,6 +68,7 @@ def generation_pb(g: Generation) -> pb.Generation:
                              finish_reason=int(gt.finish_reason), seed=gt.seed)
         )
     out.top_tokens.extend(_tokens_pb(t) for t in g.top_tokens)
+    out.prefill_top_tokens.extend(_tokens_pb(t) for t in g.prefill_top_tokens)
     return out
 
 
@@ -122,7 +124,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         return pb.InfoResponse(
             requires_padding=False, dtype=s.dtype, device_type=g.device.type,
             window_size=g.model.sliding_window, speculate=0, support_chunking=False,
-            use_prefix_caching=False, attention_impl="sdpa", block_size=g.block_size,
+            use_prefix_caching=prefix_caching(), attention_impl="sdpa", block_size=g.block_size,
             max_position_embeddings=s.max_position_embeddings, model_type=s.model_type,
             eos_token_ids=sorted(g.eos_token_ids), vocab_size=g.model.dims.vocab_size,
             mixed_prefill=True,

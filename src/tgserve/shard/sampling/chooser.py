@@ -19,7 +19,7 @@ _STATE_NEEDS: dict[str, Needs] = {
     "seen_counts": lambda p: p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0,
     # occurrences in generated tokens only: presence penalty, as OpenAI (a chat prompt holds the
     # end-of-turn token, which a prompt-wide presence penalty would push the model away from)
-    "generated_counts": lambda p: p.presence_penalty != 0.0,
+    "generated_counts": lambda p: p.presence_penalty != 0.0 or p.additive_frequency_penalty != 0.0,
     "seq_lens": lambda p: p.frequency_penalty != 0.0,  # prompt + generated length
     "last_ids": lambda p: p.watermark,  # previous token, seeds the greenlist
 }
@@ -32,6 +32,8 @@ _OPS: tuple[tuple[str, Needs, Callable[[SamplingParams], float], torch.dtype], .
      torch.float32),
     ("frequency", lambda p: p.frequency_penalty != 0.0, lambda p: p.frequency_penalty,
      torch.float32),
+    ("additive_frequency", lambda p: p.additive_frequency_penalty != 0.0,
+     lambda p: p.additive_frequency_penalty, torch.float32),
     ("presence", lambda p: p.presence_penalty != 0.0, lambda p: p.presence_penalty, torch.float32),
     ("logit_bias", lambda p: bool(p.logit_bias), lambda p: 0.0, torch.float32),
     ("temperature", lambda p: p.temperature != 1.0, lambda p: p.temperature, torch.float32),
@@ -254,6 +256,9 @@ class NextTokenChooser:
             case "frequency":
                 counts = self._rows_of("seen_counts", rows)
                 return F.frequency_penalty(sub, counts, self._rows_of("seq_lens", rows), op.values)
+            case "additive_frequency":
+                counts = self._rows_of("generated_counts", rows)
+                return F.additive_frequency_penalty(sub, counts, op.values)
             case "presence":
                 counts = self._rows_of("generated_counts", rows)
                 return F.presence_penalty(sub, counts, op.values)

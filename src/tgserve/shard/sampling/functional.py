@@ -43,6 +43,18 @@ def frequency_penalty(
     return torch.where(active, scores - counts.to(scores.dtype) * per_count, scores)
 
 
+def additive_frequency_penalty(
+    scores: torch.Tensor, counts: torch.Tensor, penalty: torch.Tensor
+) -> torch.Tensor:
+    """OpenAI's frequency penalty: scores -= count * penalty, count taken over generated tokens.
+
+    counts: [B, V]; penalty: [B] (0 = off).
+    """
+    p = _col(penalty, scores)
+    active = (counts > 0) & (p != 0)
+    return torch.where(active, scores - counts.to(scores.dtype) * p, scores)
+
+
 def presence_penalty(
     scores: torch.Tensor, counts: torch.Tensor, penalty: torch.Tensor
 ) -> torch.Tensor:

@@ -53,3 +53,13 @@ def prompt_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tens
     if not parts:
         return torch.empty(0, dtype=torch.float32, device=logits.device)
     return torch.cat(parts)
+
+
+def prompt_top_tokens(logits: torch.Tensor, n: int) -> list[tuple[list[int], list[float]]]:
+    """The best n alternatives (ids, logprobs) after each of `logits`' rows, as batch_top_tokens
+    picks them; chunked like prompt_logprobs so a long prompt never holds a full [T, V] tensor."""
+    out: list[tuple[list[int], list[float]]] = []
+    for start in range(0, logits.shape[0], _PROMPT_CHUNK):
+        chunk = torch.log_softmax(logits[start : start + _PROMPT_CHUNK].float(), dim=-1)
+        out += batch_top_tokens([n] * chunk.shape[0], chunk)
+    return out

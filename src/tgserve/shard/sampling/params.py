@@ -17,6 +17,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    additive_frequency_penalty: float = 0.0  # OpenAI's: per occurrence in the generated tokens
     watermark: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)
 
@@ -43,6 +44,7 @@ class SamplingParams:
             repetition_penalty=pb.repetition_penalty if pb.repetition_penalty > 0 else 1.0,
             frequency_penalty=float(pb.frequency_penalty),
             presence_penalty=float(pb.presence_penalty),
+            additive_frequency_penalty=float(pb.additive_frequency_penalty),
             watermark=bool(pb.watermark),
             logit_bias={int(k): float(v) for k, v in pb.logit_bias.items()},
         )
