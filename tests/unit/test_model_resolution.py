@@ -25,9 +25,9 @@ from transformers import (
 )
 
 from tgserve.launcher import default_model, weights
+from tgserve.launcher.pickle_conversion import convert_bin_to_safetensors
 from tgserve.launcher.weights import (
     ModelResolutionError,
-    convert_bin_to_safetensors,
     gguf_sidecar,
     resolve_model,
 )

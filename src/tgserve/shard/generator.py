@@ -13,6 +13,7 @@ from tgserve.shard.batch import Batch, RequestState
 from tgserve.shard.detokenize import IncrementalDetokenizer
 from tgserve.shard.generation import GeneratedText, Generation, StepTimings, Tokens
 from tgserve.shard.kv_cache import KVCache
+from tgserve.shard.memory import release_free_memory
 from tgserve.shard.models.base import CausalLM
 from tgserve.shard.runner import ForwardInputs, prepare_decode, prepare_forward
 from tgserve.shard.sampling.chooser import NextTokenChooser
@@ -284,6 +285,7 @@ def warmup(
         if batch is not None:
             generator.decode([batch.id])
     generator.clear()
+    release_free_memory()  # the warmup batch's activations
     capacity = num_blocks * generator.block_size
     total = max_total_tokens or min(capacity, max_position_embeddings)
     inputs = max_input_tokens or total - 1

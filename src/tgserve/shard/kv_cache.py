@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import mmap
+import math
+
 import torch
 
 
@@ -26,11 +29,12 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
     ) -> KVCache:
-        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        shape = (2, num_layers, num_blocks * block_size, num_kv_heads, head_dim)
         # Zeros, not empty: padded reads of unwritten slots are masked out, and 0 * NaN would not be.
-        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        return cls(keys, values, block_size)
+        cache = _lazy_zeros(shape, dtype) if device.type == "cpu" else torch.zeros(
+            shape, dtype=dtype, device=device
+        )
+        return cls(list(cache[0].unbind(0)), list(cache[1].unbind(0)), block_size)
 
     @property
     def num_slots(self) -> int:
@@ -50,3 +54,14 @@ class KVCache:
         """k, v: [T, kv_heads, head_dim] for the T slots given."""
         self.keys[layer].index_copy_(0, slots, k)
         self.values[layer].index_copy_(0, slots, v)
+
+
+def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeros in fresh anonymous memory: the kernel hands out zero pages on first touch, so the
+    cache costs resident memory only for the blocks requests have written, not its full size."""
+    size = math.prod(shape) * torch.finfo(dtype).bits // 8
+    if size == 0:
+        return torch.zeros(shape, dtype=dtype)
+    buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    # The tensor keeps `buffer` alive; it is unmapped when the last view of the cache goes.
+    return torch.frombuffer(buffer, dtype=dtype).view(shape)

@@ -19,6 +19,7 @@ from tgserve.pb import generate_pb2_grpc as pb_grpc
 from tgserve.router.tracing import setup_tracing
 from tgserve.shard.generator import Generator
 from tgserve.shard.loading.loaders import load_model
+from tgserve.shard.memory import release_free_memory
 from tgserve.shard.service import ShardSettings, TextGenerationService
 
 log = logging.getLogger("tgserve.shard")
@@ -117,6 +118,7 @@ async def serve(args: argparse.Namespace) -> None:
     model = load_model(args.model_path, device, args.dtype, args.rank, args.world_size,
                        gguf_file=args.gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(str(args.model_path))
+    release_free_memory()  # what loading freed (e.g. GGUF dequantization buffers): ~300 MB
     eos = eos_token_ids(args.model_path, tokenizer, model.config)
     generator = Generator(model, tokenizer, eos, args.block_size)
     urls = tuple(f"unix://{args.uds_path}-{r}" for r in range(args.world_size))
