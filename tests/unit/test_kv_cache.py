@@ -1,0 +1,32 @@
+"""The CPU KV cache: zeros that cost resident memory only where requests wrote."""
+
+from __future__ import annotations
+
+import torch
+
+from tgserve.shard.kv_cache import KVCache
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_cpu_cache_is_zero_and_resident_only_where_written() -> None:
+    before = _rss_bytes()
+    # 24 layers x 65536 slots x 4 heads x 64 x 4 bytes x (K and V) = 3 GiB of address space.
+    cache = KVCache.allocate(24, 4096, 16, 4, 64, torch.float32, torch.device("cpu"))
+    assert cache.num_slots == 65536 and len(cache.keys) == len(cache.values) == 24
+    assert cache.keys[0].is_contiguous() and cache.values[23].shape == (65536, 4, 64)
+    slots = torch.arange(0, 2048)
+    k = torch.ones(2048, 4, 64)
+    for layer in range(24):
+        cache.write(layer, slots, k, 2 * k)
+    grown = _rss_bytes() - before
+    # Written: 24 x 2048 x 4 x 64 x 4 x 2 = 96 MiB; far from the 3 GiB reserved.
+    assert grown < 400 * 2**20, f"resident memory grew by {grown / 2**20:.0f} MiB"
+    assert cache.keys[5][:2048].eq(1).all() and cache.values[5][:2048].eq(2).all()
+    # Unwritten slots read as zeros (padded reads are masked, and 0 * NaN would not be).
+    assert cache.keys[5][2048:4096].eq(0).all() and cache.values[23][-16:].eq(0).all()
+    # Layers do not alias each other.
+    assert cache.keys[0].data_ptr() != cache.keys[1].data_ptr() != cache.values[0].data_ptr()
