@@ -463,8 +463,21 @@ def test_closed_loop_sends_exactly_num_prompts_with_bounded_concurrency() -> Non
     level = results[0].levels[0]
     assert level.stats.num_requests == 11 and level.stats.num_errors == 0
     assert level.stats.total_output_tokens == 11 * 4
-    texts = {p.text for p in prompts.make_prompts(11)}
+    texts = {p.text for p in prompts.level_prompts(11, seed=0, concurrency=4)}
     assert {p["prompt"] for p in fake.payloads} == texts
+
+
+def test_levels_and_warmup_never_share_a_prompt() -> None:
+    """Otherwise a server with a prefix cache would answer later levels from it."""
+    fake = FakeServer()
+    config = _config(["a", "b"], concurrency=(1, 2), num_prompts=3, warmup_requests=2)
+    asyncio.run(runner.run_benchmark(config, _asgi({"a": fake, "b": fake})))
+    sent = [p["prompt"] for p in fake.payloads]
+    sets = {level: {p.text for p in prompts.level_prompts(3, 0, level)} for level in (0, 1, 2)}
+    assert sets[1] | sets[2] <= set(sent) <= sets[0] | sets[1] | sets[2]
+    assert not (sets[0] & sets[1]) and not (sets[1] & sets[2]) and not (sets[0] & sets[2])
+    # Both servers got the same prompts at each level: every measured prompt was sent twice.
+    assert all(sent.count(text) == 2 for text in sets[1] | sets[2])
 
 
 def test_warmup_requests_come_first_and_are_not_measured() -> None:

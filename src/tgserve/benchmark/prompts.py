@@ -77,3 +77,14 @@ def make_prompts(num_prompts: int = 64, seed: int = 0) -> list[Prompt]:
         target = round(rng.triangular(MIN_TOKENS, MAX_TOKENS - 17, MODE_TOKENS - 8))
         prompts.append(make_prompt(index, target, rng))
     return prompts
+
+
+# Warmup prompts come from their own set too (a seed no concurrency level uses).
+WARMUP_LEVEL = 0
+
+
+def level_prompts(num_prompts: int, seed: int, concurrency: int) -> list[Prompt]:
+    """The prompt set of one concurrency level (or WARMUP_LEVEL): every server gets the same one,
+    and no two levels share prompts, so no server answers a level from a prefix cache that an
+    earlier level (or the warmup) filled. Prefix caching is measured only where a workload asks."""
+    return make_prompts(num_prompts, seed * 100_003 + concurrency)

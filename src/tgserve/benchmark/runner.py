@@ -18,7 +18,7 @@ from tgserve.benchmark.client import (
     make_client,
     send_request,
 )
-from tgserve.benchmark.prompts import Prompt, make_prompts
+from tgserve.benchmark.prompts import WARMUP_LEVEL, Prompt, level_prompts
 from tgserve.benchmark.rss import RssSampler, idle_cpu_percent
 from tgserve.benchmark.stats import LevelStats, RequestRecord, aggregate
 
@@ -157,7 +157,7 @@ async def run_benchmark(
     on_level: LevelCallback | None = None,
 ) -> list[ServerResult]:
     """Warm every server up, then run the sweep; results come back in the configured order."""
-    prompts = make_prompts(config.num_prompts, config.seed)
+    warmup_prompts = level_prompts(config.num_prompts, config.seed, WARMUP_LEVEL)
     max_connections = max(max(config.concurrency), config.warmup_requests, 1)
     async with contextlib.AsyncExitStack() as stack:
         clients: dict[str, httpx.AsyncClient] = {}
@@ -168,7 +168,7 @@ async def run_benchmark(
             client = make_client(spec.endpoint.url, config.timeout_s, max_connections, transport)
             clients[spec.endpoint.name] = await stack.enter_async_context(client)
             spec = await _resolve_model(clients[spec.endpoint.name], spec)
-            await _warm_up(clients[spec.endpoint.name], spec.endpoint, prompts, config)
+            await _warm_up(clients[spec.endpoint.name], spec.endpoint, warmup_prompts, config)
             results[spec.endpoint.name] = ServerResult(spec=spec, idle_cpu_percent=None)
             if spec.pid and config.idle_cpu_s > 0:
                 results[spec.endpoint.name].idle_cpu_percent = await asyncio.to_thread(
@@ -177,6 +177,7 @@ async def run_benchmark(
             specs.append(spec)
         for concurrency, spec in level_order(specs, config.concurrency):
             name = spec.endpoint.name
+            prompts = level_prompts(config.num_prompts, config.seed, concurrency)
             level = await _run_level(clients[name], spec, prompts, concurrency, config)
             results[name].levels.append(level)
             if on_level is not None:
