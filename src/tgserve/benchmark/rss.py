@@ -112,7 +112,7 @@ class RssSampler:
         self.peak_bytes = max(self.peak_bytes, memory.rss_bytes)
         self.peak_hwm_bytes = max(self.peak_hwm_bytes, memory.hwm_bytes)
 
-    def start(self) -> RssSampler:
+    def start(self) -> Self:
         if not pid_exists(self.pid):
             raise ValueError(f"no process with pid {self.pid}")
         self._stop.clear()

@@ -63,23 +63,24 @@ class LevelStats:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LevelStats:
         """The inverse of `to_dict` (keys it does not know, such as RSS, are ignored)."""
-        summaries = {
-            key: None if data.get(key) is None else Summary(**data[key])
-            for key in ("ttft_s", "itl_s", "tpot_s", "e2e_s")
-        }
-        plain = {
-            key: data[key]
-            for key in (
-                "concurrency",
-                "num_requests",
-                "num_errors",
-                "duration_s",
-                "requests_per_s",
-                "output_tokens_per_s",
-                "total_output_tokens",
-            )
-        }
-        return cls(**plain, **summaries, errors=tuple(data.get("errors", ())))
+
+        def summary(key: str) -> Summary | None:
+            return None if data.get(key) is None else Summary(**data[key])
+
+        return cls(
+            concurrency=int(data["concurrency"]),
+            num_requests=int(data["num_requests"]),
+            num_errors=int(data["num_errors"]),
+            duration_s=float(data["duration_s"]),
+            requests_per_s=float(data["requests_per_s"]),
+            output_tokens_per_s=float(data["output_tokens_per_s"]),
+            total_output_tokens=int(data["total_output_tokens"]),
+            ttft_s=summary("ttft_s"),
+            itl_s=summary("itl_s"),
+            tpot_s=summary("tpot_s"),
+            e2e_s=summary("e2e_s"),
+            errors=tuple(data.get("errors", ())),
+        )
 
 
 def percentile(values: Sequence[float], q: float) -> float:
