@@ -72,7 +72,7 @@ def llama_command(port: int) -> list[str]:
         str(LLAMA_SERVER), "-m", str(GGUF_F32), "--alias", MODEL_NAME,
         "--host", "127.0.0.1", "--port", str(port),
         "-np", "16", "-c", "16384", "-t", "2", "--cont-batching",
-        # The benchmark sends the same 64 prompts at each level: no server may reuse them.
+        # Engines are compared without prompt reuse (each level has its own prompts anyway).
         "--no-cache-prompt", "--cache-ram", "0", "--no-webui",
     ]  # fmt: skip
 
