@@ -41,7 +41,8 @@ def test_matches_f_linear_for_every_batch_size(k: int, with_bias: bool) -> None:
     for n in (1, 3, 7, 130, 960, 3072):
         weight = torch.randn(n, k, generator=gen)
         bias = torch.randn(n, generator=gen) if with_bias else None
-        for m in range(1, 9):
+        # 1-8: one row block for all rows; 9-64: register tiles of up to 6 rows (tails of 1-5).
+        for m in (*range(1, 9), 9, 12, 13, 16, 17, 31, 32, 59, 64):
             x = torch.randn(m, k, generator=gen)
             got = cpu_kernels.small_batch_linear(x, weight, bias)
             assert got.shape == (m, n)
@@ -74,9 +75,10 @@ def test_each_row_block_writes_only_its_own_outputs() -> None:
     k, n = 96, 1027
     weight = torch.zeros(n, k)
     weight[torch.arange(n), torch.arange(n) % k] = 1.0
-    x = torch.randn(6, k)
-    got = cpu_kernels.small_batch_linear(x, weight, None)
-    assert torch.equal(got, x[:, torch.arange(n) % k])
+    for m in (6, 23):  # the row-block path and the tiled path
+        x = torch.randn(m, k)
+        got = cpu_kernels.small_batch_linear(x, weight, None)
+        assert torch.equal(got, x[:, torch.arange(n) % k])
 
 
 @needs_kernel
@@ -85,7 +87,7 @@ def test_rejects_what_it_cannot_stream() -> None:
     with pytest.raises(RuntimeError, match="contiguous"):
         cpu_kernels.small_batch_linear(x, torch.randn(64, 32).t(), None)
     with pytest.raises(RuntimeError, match="rows"):
-        cpu_kernels.small_batch_linear(torch.randn(9, 64), weight, None)
+        cpu_kernels.small_batch_linear(torch.randn(65, 64), weight, None)
     with pytest.raises(RuntimeError, match="K"):
         cpu_kernels.small_batch_linear(torch.randn(2, 63), weight, None)
     with pytest.raises(RuntimeError, match="float32"):
@@ -113,9 +115,11 @@ def test_layers_route_decode_sized_inputs_to_the_kernel(monkeypatch: pytest.Monk
     layer = Linear(torch.randn(48, 40), torch.randn(48))
     head = LMHead(torch.randn(100, 40), world_size=1)
     x = torch.randn(2, 3, 40)  # 6 rows in all, with a leading batch dimension
+    batch = torch.randn(64, 40)  # a decode batch of 64
     with torch.inference_mode():
         out, logits = layer(x), head(x[0])
-    assert calls == [(6, 40), (3, 40)]
+        layer(batch)
+    assert calls == [(6, 40), (3, 40), (64, 40)]
     assert out.shape == (2, 3, 48) and logits.shape == (3, 100)
     assert_matches(out.reshape(6, 48), x.reshape(6, 40), layer.weight, layer.bias)
     assert_matches(logits, x[0], head.weight, None)
@@ -128,7 +132,7 @@ def test_layers_fall_back_where_the_kernel_does_not_apply(
     calls = spy_kernel(monkeypatch)
     weight = torch.randn(48, 40)
     cases = [
-        (torch.randn(9, 40), weight),  # prefill-sized: a GEMM, torch's own is better there
+        (torch.randn(65, 40), weight),  # prefill-sized: a GEMM, torch's own is better there
         (torch.randn(2, 40).double(), weight.double()),
         (torch.randn(2, 40), torch.randn(40, 48).t()),  # non-contiguous weight
         (torch.randn(0, 40), weight),

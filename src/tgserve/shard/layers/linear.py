@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from tgserve.shard.layers.attention import cpu_kernels
 from tgserve.shard.loading.weights import Weights
 
-# Up to this many rows, a product is bound by reading the weight, which torch's GEMV streams at
-# about a third of memory bandwidth; the C++ kernel reads each weight row once for all rows.
-_MAX_KERNEL_ROWS = 8
+# Up to 8 rows a product is bound by reading the weight, which torch's GEMV streams at about a
+# third of memory bandwidth; the C++ kernel reads each weight row once for all rows. Up to 64 rows
+# (decode batches) MKL's sgemm repacks the weight on every call; the kernel's register tiles beat
+# it by 1.3-2x on this model's layers and LM head (scripts: see the kernel's header comment).
+_MAX_KERNEL_ROWS = 64
 
 
 @dataclass
@@ -28,7 +30,7 @@ class Linear:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, through the C++ small-batch kernel for decode-sized float32 inputs on CPU."""
     if _fits_kernel(x, weight, bias):
-        # x: [..., K] with at most 8 rows in all -> [rows, K] -> [..., N]
+        # x: [..., K] with at most _MAX_KERNEL_ROWS rows in all -> [rows, K] -> [..., N]
         out = cpu_kernels.small_batch_linear(x.reshape(-1, x.shape[-1]), weight, bias)
         return out.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)

@@ -58,7 +58,7 @@ def small_batch_linear(
 ) -> torch.Tensor:
     """x·weightᵀ (+ bias), streaming each weight row once for all rows of x.
 
-    x: [M, K] float32 with M ≤ 8 (any strides); weight: [N, K] float32, contiguous; bias: [N].
+    x: [M, K] float32 with M ≤ 64 (any strides); weight: [N, K] float32, contiguous; bias: [N].
     Returns [M, N]. Meant for decode, where the product is bound by reading the weight.
     """
     return _ops().small_batch_linear(x, weight, bias)
