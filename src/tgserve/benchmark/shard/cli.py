@@ -26,7 +26,8 @@ from tgserve.benchmark.shard.measure import (
     measure,
     warm_up,
 )
-from tgserve.launcher.processes import Child, python_command, remove_stale
+from tgserve.launcher.processes import Child, remove_stale
+from tgserve.launcher import supervisor
 from tgserve.launcher.weights import resolve_model
 from tgserve.router.shard_client import ShardClient
 from tgserve.router.types import GenerationError
@@ -69,18 +70,14 @@ def _free_port() -> int:
 def shard_argv(args: argparse.Namespace, uds_base: str) -> tuple[list[str], str]:
     """The command of a one-rank shard for --model-id, and the model's name for the report."""
     source = resolve_model(args.model_id, None, None, env.cache_dir())
-    argv = python_command(
-        "shard", "--model-path", str(source.path), "--uds-path", uds_base,
-        "--rank", "0", "--world-size", "1", "--master-port", str(_free_port()),
-        "--threads", str(args.threads),
+    # The launcher's own shard command line, with the launcher's defaults for what is not asked.
+    launch = argparse.Namespace(
+        shard_uds_path=uds_base, master_addr="localhost", master_port=_free_port(),
+        cuda_memory_fraction=1.0, threads=args.threads, dtype=args.dtype,
+        kv_cache_memory=args.kv_cache_memory, json_output=False, otlp_endpoint=None,
+        otlp_service_name="",
     )  # fmt: skip
-    if source.gguf_file is not None:
-        argv += ["--gguf-file", str(source.gguf_file)]
-    if args.dtype:
-        argv += ["--dtype", args.dtype]
-    if args.kv_cache_memory:
-        argv += ["--kv-cache-memory", args.kv_cache_memory]
-    return argv, source.model_id
+    return supervisor.shard_argv(launch, source, rank=0, world=1), source.model_id
 
 
 @contextlib.contextmanager
