@@ -64,8 +64,8 @@ def random_case(
 @pytest.mark.parametrize("window", [0, 7])
 def test_matches_reference_over_random_shapes(dim: int, window: int) -> None:
     gen = torch.Generator().manual_seed(dim * 10 + window)
-    for trial in range(8):
-        batch = 1 + trial
+    # Few rows split each row's kv heads over tasks; many rows give each task a whole row.
+    for trial, batch in enumerate((1, 2, 3, 5, 8, 13, 21, 40)):
         kv_heads = 1 + trial % 4
         group = 1 + trial % 3
         case = random_case(gen, batch, kv_heads, group, dim)

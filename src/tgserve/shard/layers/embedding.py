@@ -8,25 +8,40 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tgserve.shard.layers.linear import linear
+from tgserve.shard.layers.attention import cpu_kernels
+from tgserve.shard.layers.linear import Linear
 from tgserve.shard.loading.weights import Weights
 
 
 @dataclass
 class Embedding:
-    weight: torch.Tensor  # [vocab / world, hidden]
+    weight: torch.Tensor | None  # [vocab / world, hidden]; None when read from `tied`
     vocab_start: int
     world_size: int
+    # A tied LM head whose weight is held only as packed panels: rows are read back from them,
+    # so the table is in memory once.
+    tied: Linear | None = None
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self._rows(input_ids)
         local = input_ids - self.vocab_start
-        outside = (local < 0) | (local >= self.weight.shape[0])
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        outside = (local < 0) | (local >= self.vocab_size)
+        out = self._rows(local.masked_fill(outside, 0))
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         dist.all_reduce(out)
         return out
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tied.out_features if self.tied is not None else self.weight.shape[0]  # type: ignore[union-attr]
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tied is not None and self.tied.packed is not None:
+            rows = cpu_kernels.packed_rows(ids.reshape(-1), self.tied.packed, self.vocab_size)
+            return rows.view(*ids.shape, rows.shape[-1])
+        assert self.weight is not None
+        return F.embedding(ids, self.weight)
 
 
 def load_embedding(weights: Weights, name: str) -> Embedding:
@@ -39,11 +54,11 @@ def load_embedding(weights: Weights, name: str) -> Embedding:
 
 @dataclass
 class LMHead:
-    weight: torch.Tensor  # [vocab / world, hidden]
+    linear: Linear  # [vocab / world, hidden]
     world_size: int
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = linear(hidden, self.weight)
+        logits = self.linear(hidden)
         if self.world_size == 1:
             return logits
         parts = [torch.empty_like(logits) for _ in range(self.world_size)]
@@ -51,9 +66,17 @@ class LMHead:
         return torch.cat(parts, dim=-1)
 
 
-def load_lm_head(weights: Weights, name: str, tied_name: str) -> LMHead:
-    source = name if weights.has(name) else tied_name
-    vocab = weights.get_tensor(source) if weights.world_size == 1 else None
-    if vocab is not None:
-        return LMHead(vocab, 1)
-    return LMHead(weights.get_sharded(source, dim=0), weights.world_size)
+def load_lm_head(
+    weights: Weights, name: str, tied_name: str, embedding: Embedding | None = None
+) -> LMHead:
+    """The LM head; when it is tied to `embedding` (no weight of its own in the checkpoint) and
+    gets packed, the embedding reads its rows from the packed panels and drops its own copy."""
+    tied = not weights.has(name)
+    source = tied_name if tied else name
+    weight = weights.get_tensor(source) if weights.world_size == 1 else None
+    if weight is None:
+        weight = weights.get_sharded(source, dim=0)
+    head = LMHead(Linear.of(weight), weights.world_size)
+    if tied and embedding is not None and head.linear.packed is not None:
+        embedding.weight, embedding.tied = None, head.linear
+    return head

@@ -11,40 +11,51 @@ import torch.nn.functional as F
 from tgserve.shard.layers.attention import cpu_kernels
 from tgserve.shard.loading.weights import Weights
 
-# Up to 8 rows a product is bound by reading the weight, which torch's GEMV streams at about a
-# third of memory bandwidth; the C++ kernel reads each weight row once for all rows. Up to 64 rows
-# (decode batches) MKL's sgemm repacks the weight on every call; the kernel's register tiles beat
-# it by 1.3-2x on this model's layers and LM head (scripts: see the kernel's header comment).
-_MAX_KERNEL_ROWS = 64
+# Below this many weights a linear is too small for packing to matter; it stays with torch.
+_MIN_PACKED_WEIGHTS = 1 << 12
 
 
 @dataclass
 class Linear:
-    weight: torch.Tensor  # [out, in]
+    """y = x·Wᵀ (+ bias). On CPU in float32 the weight lives only as panels (`packed`), which the
+    C++ kernel multiplies at every batch size, decode (bound by streaming W) and prefill alike;
+    elsewhere it is the plain [out, in] tensor given to F.linear."""
+
+    weight: torch.Tensor | None  # [out, in]; None once packed
     bias: torch.Tensor | None = None
+    packed: torch.Tensor | None = None  # cpu_kernels.pack_linear_weight(weight)
+    out_features: int = 0
+
+    def __post_init__(self) -> None:
+        if self.weight is not None:
+            self.out_features = self.weight.shape[0]
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+        """The serving layer for `weight`: packed (and the plain copy dropped) where the kernel
+        applies, so the weight is held in memory once."""
+        if packs(weight) and (bias is None or bias.dtype == torch.float32):
+            packed = cpu_kernels.pack_linear_weight(weight)
+            return cls(None, bias, packed, weight.shape[0])
+        return cls(weight, bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        if self.packed is None:
+            assert self.weight is not None
+            return F.linear(x, self.weight, self.bias)
+        rows = x.reshape(-1, x.shape[-1])
+        out = cpu_kernels.packed_linear(rows, self.packed, self.out_features, self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, through the C++ small-batch kernel for decode-sized float32 inputs on CPU."""
-    if _fits_kernel(x, weight, bias):
-        # x: [..., K] with at most _MAX_KERNEL_ROWS rows in all -> [rows, K] -> [..., N]
-        out = cpu_kernels.small_batch_linear(x.reshape(-1, x.shape[-1]), weight, bias)
-        return out.view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight, bias)
-
-
-def _fits_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def packs(weight: torch.Tensor) -> bool:
+    """Whether a weight goes to the packed CPU kernel (float32 on CPU, kernels built)."""
     return (
-        x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
-        and x.numel() <= _MAX_KERNEL_ROWS * x.shape[-1]
-        and x.numel() > 0
-        and weight.is_contiguous()
-        and (bias is None or bias.dtype == torch.float32)
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and weight.dim() == 2
+        and weight.numel() >= _MIN_PACKED_WEIGHTS
+        and not weight.requires_grad
         and cpu_kernels.available()
     )
 
@@ -53,7 +64,7 @@ def load_column(weights: Weights, prefixes: list[str], bias: bool) -> Linear:
     """Output-dim sharded linear; several prefixes are fused into one matmul (q/k/v, gate/up)."""
     weight = weights.get_multi_sharded([f"{p}.weight" for p in prefixes], dim=0)
     b = weights.get_multi_sharded([f"{p}.bias" for p in prefixes], dim=0) if bias else None
-    return Linear(weight, b)
+    return Linear.of(weight, b)
 
 
 @dataclass
@@ -74,4 +85,4 @@ def load_row(weights: Weights, prefix: str, bias: bool) -> RowLinear:
     weight = weights.get_sharded(f"{prefix}.weight", dim=1)
     # The bias must be added once, not once per rank.
     b = weights.get_tensor(f"{prefix}.bias") if bias and weights.rank == 0 else None
-    return RowLinear(Linear(weight, b), weights.world_size)
+    return RowLinear(Linear.of(weight, b), weights.world_size)

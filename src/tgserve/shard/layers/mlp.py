@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
+from tgserve.shard.layers.attention import cpu_kernels
+from tgserve.shard.layers.fused import cpu_kernels_fit
 from tgserve.shard.layers.linear import Linear, RowLinear, load_column, load_row
 from tgserve.shard.loading.weights import Weights
 
@@ -27,7 +29,10 @@ class GatedMLP:
     act: Callable[[torch.Tensor], torch.Tensor]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        gate_up = self.gate_up(x)
+        if self.act is F.silu and gate_up.dim() == 2 and cpu_kernels_fit(gate_up):
+            return self.down(cpu_kernels.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down(self.act(gate) * up)
 
 

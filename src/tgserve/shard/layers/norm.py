@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tgserve.shard.layers.attention import cpu_kernels
+from tgserve.shard.layers.fused import cpu_kernels_fit
 from tgserve.shard.loading.weights import Weights
 
 
@@ -16,6 +18,23 @@ class RMSNorm:
     eps: float
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.stride(-1) == 1 and cpu_kernels_fit(x, self.weight):
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
+        return self.reference(x)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): a block's residual add fused with the next norm."""
+        if (
+            x.dim() == 2
+            and x.stride(-1) == 1
+            and residual.stride(-1) == 1
+            and cpu_kernels_fit(x, residual, self.weight)
+        ):
+            return cpu_kernels.add_rms_norm(x, residual, self.weight, self.eps)
+        total = x + residual
+        return self.reference(total), total
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
         # Statistics in float32 whatever the serving dtype, as the reference implementations do.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)

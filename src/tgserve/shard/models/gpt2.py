@@ -23,14 +23,14 @@ def _conv1d_column(weights: Weights, prefix: str, parts: int) -> Linear:
     bias = weights.get_tensor(f"{prefix}.bias")
     w_blocks = [b.chunk(weights.world_size, dim=0)[weights.rank] for b in weight.chunk(parts, 0)]
     b_blocks = [b.chunk(weights.world_size, dim=0)[weights.rank] for b in bias.chunk(parts, 0)]
-    return Linear(torch.cat(w_blocks).contiguous(), torch.cat(b_blocks).contiguous())
+    return Linear.of(torch.cat(w_blocks).contiguous(), torch.cat(b_blocks).contiguous())
 
 
 def _conv1d_row(weights: Weights, prefix: str) -> RowLinear:
     weight = weights.get_tensor(f"{prefix}.weight").t()  # [out, in]
     part = weight.chunk(weights.world_size, dim=1)[weights.rank].contiguous()
     bias = weights.get_tensor(f"{prefix}.bias") if weights.rank == 0 else None
-    return RowLinear(Linear(part, bias), weights.world_size)
+    return RowLinear(Linear.of(part, bias), weights.world_size)
 
 
 @dataclass
@@ -90,7 +90,7 @@ class GPT2LMHeadModel(CausalLM):
                           load_layer_norm(weights, f"{p}.ln_2", eps), mlp)
             )
         self.ln_f = load_layer_norm(weights, f"{prefix}ln_f", eps)
-        self.lm_head = load_lm_head(weights, "lm_head.weight", f"{prefix}wte.weight")
+        self.lm_head = load_lm_head(weights, "lm_head.weight", f"{prefix}wte.weight", self.wte)
 
     def hidden_states(
         self,

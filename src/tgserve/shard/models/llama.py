@@ -8,8 +8,9 @@ import torch
 from transformers import PretrainedConfig
 
 from tgserve.shard.kv_cache import KVCache
-from tgserve.shard.layers.attention import AttentionMetadata, get_backend
+from tgserve.shard.layers.attention import AttentionMetadata, cpu_kernels, get_backend
 from tgserve.shard.layers.embedding import Embedding, LMHead, load_embedding, load_lm_head
+from tgserve.shard.layers.fused import cpu_kernels_fit
 from tgserve.shard.layers.linear import Linear, RowLinear, load_column, load_row
 from tgserve.shard.layers.mlp import GatedMLP, load_gated_mlp
 from tgserve.shard.layers.norm import RMSNorm, load_rms_norm
@@ -46,12 +47,24 @@ class LlamaAttention:
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         d = self.dims
-        q, k, v = self.qkv(x).split([d.q_size, d.kv_size, d.kv_size], dim=-1)
-        q = apply_rotary(q.view(-1, d.num_heads, d.head_dim), cos, sin)  # [T, H, D]
-        k = apply_rotary(k.view(-1, d.num_kv_heads, d.head_dim), cos, sin)  # [T, Hkv, D]
+        qkv = self.qkv(x)
+        keys, values = kv_cache.keys[self.layer], kv_cache.values[self.layer]
+        stored = cos.shape[-1] == d.head_dim and cpu_kernels_fit(qkv, cos, keys)
+        if stored:  # RoPE in place and the KV write, in one pass
+            cpu_kernels.rotary_store_kv(
+                qkv, cos.view(-1, d.head_dim), sin.view(-1, d.head_dim), keys, values,
+                meta.slots, d.num_heads, d.num_kv_heads, d.head_dim,
+            )  # fmt: skip
+        q, k, v = qkv.split([d.q_size, d.kv_size, d.kv_size], dim=-1)
+        q = q.view(-1, d.num_heads, d.head_dim)  # [T, H, D]
+        k = k.view(-1, d.num_kv_heads, d.head_dim)  # [T, Hkv, D]
         v = v.view(-1, d.num_kv_heads, d.head_dim)
+        if not stored:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         attend = get_backend(self.backend_name)
-        o = attend(q, k, v, kv_cache, self.layer, meta, d.head_dim**-0.5, self.window)
+        o = attend(
+            q, k, v, kv_cache, self.layer, meta, d.head_dim**-0.5, self.window, kv_stored=stored
+        )
         return self.o(o.reshape(-1, d.q_size))
 
 
@@ -62,9 +75,24 @@ class LlamaLayer:
     post_norm: RMSNorm
     mlp: GatedMLP
 
-    def __call__(self, x, cos, sin, kv_cache, meta):  # type: ignore[no-untyped-def]
-        x = x + self.attention(self.input_norm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_norm(x))
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this block's MLP output, the residual stream before it is added): each residual add
+        is fused with the norm that follows it, the last one with the model's final norm."""
+        if residual is None:
+            residual, hidden = hidden, self.input_norm(hidden)
+        else:
+            hidden, residual = self.input_norm.add(hidden, residual)
+        hidden = self.attention(hidden, cos, sin, kv_cache, meta)
+        hidden, residual = self.post_norm.add(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaForCausalLM(CausalLM):
@@ -80,7 +108,9 @@ class LlamaForCausalLM(CausalLM):
             self._load_layer(weights, i, variant, attention, eps) for i in range(self.dims.num_layers)
         ]
         self.norm = load_rms_norm(weights, "model.norm", eps)
-        self.lm_head: LMHead = load_lm_head(weights, "lm_head.weight", "model.embed_tokens.weight")
+        self.lm_head: LMHead = load_lm_head(
+            weights, "lm_head.weight", "model.embed_tokens.weight", self.embed
+        )
 
     def variant_for(self, config: PretrainedConfig) -> LlamaVariant:
         bias = bool(getattr(config, "attention_bias", False))
@@ -112,8 +142,11 @@ class LlamaForCausalLM(CausalLM):
         kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = self.embed(input_ids)
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        hidden = self.embed(input_ids)
+        cos, sin = self.rotary.cos_sin(positions, hidden.dtype)
+        residual: torch.Tensor | None = None
         for layer in self.layers:
-            x = layer(x, cos, sin, kv_cache, meta)
-        return self.norm(x)
+            hidden, residual = layer(hidden, residual, cos, sin, kv_cache, meta)
+        if residual is None:  # no layers
+            return self.norm(hidden)
+        return self.norm.add(hidden, residual)[0]

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 _NAME = "tgserve_cpu_kernels"
 _SOURCES = [
     Path(__file__).parent / "csrc" / name
-    for name in ("paged_attention.cpp", "small_batch_linear.cpp")
+    for name in ("paged_attention.cpp", "packed_linear.cpp", "fused_ops.cpp")
 ]
 # CPUs on which torch itself runs AVX2+FMA kernels; anything else gets portable -O3 code.
 _AVX2_CAPABILITIES = frozenset({"AVX2", "AVX512"})
@@ -53,15 +53,60 @@ def paged_decode_attention(
     return _ops().paged_decode_attention(q, k_cache, v_cache, kv_index, lengths, scale, window)
 
 
-def small_batch_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """x·weightᵀ (+ bias), streaming each weight row once for all rows of x.
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] float32 -> [ceil(N / P), K, P] panels of P output columns (P: linear_panel_width())."""
+    return _ops().pack_linear_weight(weight)
 
-    x: [M, K] float32 with M ≤ 64 (any strides); weight: [N, K] float32, contiguous; bias: [N].
-    Returns [M, N]. Meant for decode, where the product is bound by reading the weight.
-    """
-    return _ops().small_batch_linear(x, weight, bias)
+
+def linear_panel_width() -> int:
+    """Output columns per panel, fixed by the vector width the kernels were compiled for."""
+    return int(_ops().linear_panel_width())
+
+
+def packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [M, K] · Wᵀ (+ bias) -> [M, n], W given as pack_linear_weight(W) with n rows."""
+    return _ops().packed_linear(x, packed, n, bias)
+
+
+def packed_rows(ids: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """W[ids] read back from pack_linear_weight(W): an embedding lookup on a tied LM head."""
+    return _ops().packed_rows(ids, packed, n)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / sqrt(mean(x²) + eps) per row of x [T, hidden] (float32, unit-stride rows)."""
+    return _ops().rms_norm(x, weight, eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual) in one pass over the rows."""
+    normed, total = _ops().add_rms_norm(x, residual, weight, eps)
+    return normed, total
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] -> [T, I]: silu(first half) * second half."""
+    return _ops().silu_mul(gate_up)
+
+
+def rotary_store_kv(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    dim: int,
+) -> None:
+    """In place on qkv [T, (H + 2 Hkv) D]: rotate-half RoPE of the q and k heads (cos/sin [T, D]);
+    then each token's k and v go to its slot of k_cache/v_cache [N, Hkv, D]."""
+    _ops().rotary_store_kv(qkv, cos, sin, k_cache, v_cache, slots, heads, kv_heads, dim)
 
 
 def compile_flags(capability: str) -> list[str]:
@@ -69,6 +114,8 @@ def compile_flags(capability: str) -> list[str]:
     flags = ["-O3", "-fopenmp"]
     if capability in _AVX2_CAPABILITIES:
         flags += ["-mavx2", "-mfma"]
+    if capability == "AVX512":  # 32 registers of 16 floats: the packed linear's wider tiles
+        flags += ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq"]
     return flags
 
 

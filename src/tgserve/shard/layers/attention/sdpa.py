@@ -19,9 +19,12 @@ def sdpa_attention(
     meta: AttentionMetadata,
     scale: float,
     window: int | None = None,
+    kv_stored: bool = False,
 ) -> torch.Tensor:
-    """q: [T, H, D], k/v: [T, Hkv, D] for the new tokens. Returns [T, H, D]."""
-    kv_cache.write(layer, meta.slots, k, v)
+    """q: [T, H, D], k/v: [T, Hkv, D] for the new tokens (already in the cache if kv_stored).
+    Returns [T, H, D]."""
+    if not kv_stored:
+        kv_cache.write(layer, meta.slots, k, v)
     nd = meta.num_decode
     if meta.prefill is None:
         return _decode(q, kv_cache, layer, meta, scale, window)

@@ -1,14 +1,18 @@
 // Decode attention read straight from the paged KV cache through the slot index: no gathered copy.
 //
-// One task per (row, kv head): the `group` query heads that share a kv head are processed together,
-// so each K/V row is fetched from memory once and reused from L1 for all of them. Softmax is online
-// over blocks of positions: a block's scores are computed, the running max moves once per block and
-// the accumulator is rescaled once per block, which keeps it stable without a second pass over K.
+// One task per (row, run of kv heads): with enough rows a task covers all kv heads of its row, so
+// each slot's K and V rows ([Hkv, D], contiguous) are read as one stream of whole cache lines and
+// every query head meets them from L1; with few rows (batch 1) the kv heads are split across tasks
+// so that every thread has work. Softmax is online over blocks of positions: a block's scores are
+// computed, the running max moves once per block and the accumulator is rescaled once per block,
+// which keeps it stable without a second pass over K.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
+
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -65,23 +69,25 @@ inline void prefetch_row(const float* row, int64_t n) {
   for (int64_t i = 0; i < n; i += 64 / sizeof(float)) __builtin_prefetch(row + i);
 }
 
-// Everything one (row, kv head) task reads; K/V pointers are already offset to that kv head.
+// Everything one task reads: kv heads [h0, h0 + kv_heads) of one row, and their query heads.
+// K/V pointers are already offset to kv head h0.
 struct Task {
-  const float* q;  // [group, D], unscaled
+  const float* q;  // [heads, D], unscaled: heads = kv_heads * group
   float scale;
-  const float *k, *v;  // slot s's row starts at k + s * k_stride
-  int64_t k_stride, v_stride;
+  const float *k, *v;  // slot s's row starts at k + s * k_stride; kv head j at + j * k_head
+  int64_t k_stride, v_stride, k_head, v_head;
   const int64_t* slots;  // this row's context slots; positions [begin, end) are attended
-  int64_t begin, end, num_slots, group, dim;
-  float* out;  // [group, D]; doubles as the accumulator
+  int64_t begin, end, num_slots, kv_heads, group, dim;
+  float* out;  // [heads, D]; doubles as the accumulator
+  int64_t heads() const { return kv_heads * group; }
 };
 
 // Per-thread scratch, reused across tasks so the hot loop never allocates.
 struct Scratch {
-  std::vector<float> q, scores, max, sum;  // q: [group, D], scores: [group, kBlock]
+  std::vector<float> q, scores, max, sum;  // q: [heads, D], scores: [heads, kBlock]
   const float* rows[kBlock];
-  Scratch(int64_t group, int64_t dim)
-      : q(group * dim), scores(group * kBlock), max(group), sum(group) {}
+  Scratch(int64_t heads, int64_t dim)
+      : q(heads * dim), scores(heads * kBlock), max(heads), sum(heads) {}
 };
 
 // Scores of positions [b0, b0 + n) for every head; false if a slot is out of range.
@@ -92,17 +98,23 @@ bool score_block(const Task& t, Scratch& s, int64_t b0, int64_t n) {
     if (slot < 0 || slot >= t.num_slots) return false;
     // Hardware prefetchers cannot guess the next slot, but we know it: ask for the K row kAhead
     // positions on, and for this position's V row, which is read once the block's scores are done.
-    if (b0 + i + kAhead < t.end) prefetch_row(t.k + t.slots[b0 + i + kAhead] * t.k_stride, d);
-    prefetch_row(t.v + slot * t.v_stride, d);
-    const float* krow = t.k + slot * t.k_stride;
-    for (int64_t h = 0; h < t.group; ++h) s.scores[h * kBlock + i] = dot(&s.q[h * d], krow, d);
+    const int64_t span = (t.kv_heads - 1) * t.k_head + d;  // this task's part of a slot row
+    if (b0 + i + kAhead < t.end) prefetch_row(t.k + t.slots[b0 + i + kAhead] * t.k_stride, span);
+    prefetch_row(t.v + slot * t.v_stride, (t.kv_heads - 1) * t.v_head + d);
+    for (int64_t kh = 0; kh < t.kv_heads; ++kh) {
+      const float* krow = t.k + slot * t.k_stride + kh * t.k_head;
+      for (int64_t g = 0; g < t.group; ++g) {
+        const int64_t h = kh * t.group + g;
+        s.scores[h * kBlock + i] = dot(&s.q[h * d], krow, d);
+      }
+    }
   }
   return true;
 }
 
 // Scores become exp(score - running max); the accumulator and sum are rescaled to the new max.
 void softmax_block(const Task& t, Scratch& s, int64_t n) {
-  for (int64_t h = 0; h < t.group; ++h) {
+  for (int64_t h = 0; h < t.heads(); ++h) {
     float* sc = &s.scores[h * kBlock];
     const float m = std::max(s.max[h], *std::max_element(sc, sc + n));
     const float correction = std::exp(s.max[h] - m);  // 0 on the first block, when all is zero
@@ -115,8 +127,10 @@ void softmax_block(const Task& t, Scratch& s, int64_t n) {
 }
 
 void accumulate_block(const Task& t, Scratch& s, int64_t b0, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) s.rows[i] = t.v + t.slots[b0 + i] * t.v_stride;
-  for (int64_t h = 0; h < t.group; ++h) {
+  for (int64_t h = 0; h < t.heads(); ++h) {
+    // The V rows of the kv head this query head reads.
+    const int64_t offset = (h / t.group) * t.v_head;
+    for (int64_t i = 0; i < n; ++i) s.rows[i] = t.v + t.slots[b0 + i] * t.v_stride + offset;
     const float* w = &s.scores[h * kBlock];
     float* o = t.out + h * t.dim;
     int64_t c = 0;
@@ -130,10 +144,10 @@ void accumulate_block(const Task& t, Scratch& s, int64_t b0, int64_t n) {
 // False if a slot is out of range: the caller raises after the parallel loop, because an exception
 // escaping an OpenMP region terminates the process.
 bool attend(const Task& t, Scratch& s) {
-  std::fill(t.out, t.out + t.group * t.dim, 0.f);
+  std::fill(t.out, t.out + t.heads() * t.dim, 0.f);
   std::fill(s.max.begin(), s.max.end(), -std::numeric_limits<float>::infinity());
   std::fill(s.sum.begin(), s.sum.end(), 0.f);
-  for (int64_t i = 0; i < t.group * t.dim; ++i) s.q[i] = t.q[i] * t.scale;  // once, not per score
+  for (int64_t i = 0; i < t.heads() * t.dim; ++i) s.q[i] = t.q[i] * t.scale;  // once, not per score
   for (int64_t b0 = t.begin; b0 < t.end; b0 += kBlock) {
     const int64_t n = std::min(kBlock, t.end - b0);
     if (!score_block(t, s, b0, n)) return false;
@@ -141,7 +155,7 @@ bool attend(const Task& t, Scratch& s) {
     accumulate_block(t, s, b0, n);
   }
   // An empty context leaves zeros, where a fully masked softmax would give NaN.
-  for (int64_t h = 0; h < t.group; ++h)
+  for (int64_t h = 0; h < t.heads(); ++h)
     if (s.sum[h] > 0.f) scale_in_place(1.f / s.sum[h], t.out + h * t.dim, t.dim);
   return true;
 }
@@ -181,19 +195,23 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k, c
   const int64_t* idx = kv_index.data_ptr<int64_t>();
   const int64_t idx_stride = kv_index.stride(0);
   float* op = out.data_ptr<float>();
+  // Whole rows per task once there are a few rows per thread; otherwise one kv head per task.
+  const int64_t per_task = batch >= 4 * omp_get_max_threads() ? kv_heads : 1;
+  const int64_t tasks_per_row = kv_heads / per_task;
   bool bad_slot = false;
 #pragma omp parallel reduction(|| : bad_slot)
   {
-    Scratch scratch(group, dim);
+    Scratch scratch(per_task * group, dim);
     // Dynamic schedule: rows differ in length, so equal task counts are not equal work.
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < batch * kv_heads; ++task) {
-      const int64_t b = task / kv_heads, h = task % kv_heads;
+    for (int64_t task = 0; task < batch * tasks_per_row; ++task) {
+      const int64_t b = task / tasks_per_row, h = (task % tasks_per_row) * per_task;
       const int64_t begin = window > 0 ? std::max<int64_t>(0, len[b] - window) : 0;
-      const int64_t head0 = (b * heads + h * group) * dim;  // first query head of this kv head
+      const int64_t head0 = (b * heads + h * group) * dim;  // first query head of kv head h
       const Task t{qp + head0, static_cast<float>(scale), kp + h * k.stride(1),
-                   vp + h * v.stride(1), k.stride(0), v.stride(0), idx + b * idx_stride, begin,
-                   len[b], k.size(0), group, dim, op + head0};
+                   vp + h * v.stride(1), k.stride(0), v.stride(0), k.stride(1), v.stride(1),
+                   idx + b * idx_stride, begin,
+                   len[b], k.size(0), per_task, group, dim, op + head0};
       if (!attend(t, scratch)) bad_slot = true;
     }
   }

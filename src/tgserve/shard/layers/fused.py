@@ -1,0 +1,19 @@
+"""When the fused C++ CPU operations may replace their torch compositions (float32 on CPU)."""
+
+from __future__ import annotations
+
+import torch
+
+from tgserve.shard.layers.attention import cpu_kernels
+
+
+def cpu_kernels_fit(*tensors: torch.Tensor) -> bool:
+    """True when every tensor is a float32 CPU tensor outside autograd and the kernels are built.
+
+    Anything else (CUDA, half precision, a backward pass) takes the torch path, which is also the
+    reference the kernels are tested against.
+    """
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != torch.float32 or t.requires_grad:
+            return False
+    return cpu_kernels.available()

@@ -1,0 +1,142 @@
+"""The fused C++ CPU operations against the torch compositions they replace, and their routing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tgserve.shard.kv_cache import KVCache
+from tgserve.shard.layers import mlp as mlp_module
+from tgserve.shard.layers.attention import cpu_kernels
+from tgserve.shard.layers.linear import Linear, RowLinear
+from tgserve.shard.layers.mlp import GatedMLP
+from tgserve.shard.layers.norm import RMSNorm
+from tgserve.shard.layers.rotary import apply_rotary
+
+needs_kernel = pytest.mark.skipif(
+    not cpu_kernels.available(),
+    reason="C++ CPU kernels could not be built here (no ninja or no C++ compiler)",
+)
+
+
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hugging Face's LlamaRMSNorm, written out."""
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(variance + eps))
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 16, 67])
+@pytest.mark.parametrize("hidden", [8, 576, 577])
+def test_rms_norm_matches_reference(rows: int, hidden: int) -> None:
+    gen = torch.Generator().manual_seed(rows * hidden)
+    x = torch.randn(rows, hidden, generator=gen) * 3
+    weight = torch.randn(hidden, generator=gen)
+    got = cpu_kernels.rms_norm(x, weight, 1e-5)
+    torch.testing.assert_close(got, torch_rms_norm(x, weight, 1e-5), rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_rms_norm_reads_strided_rows() -> None:
+    wide = torch.randn(5, 96)
+    x = wide[:, 16:80]  # rows 96 apart, each unit-stride
+    weight = torch.rand(64)
+    torch.testing.assert_close(
+        cpu_kernels.rms_norm(x, weight, 1e-6), torch_rms_norm(x, weight, 1e-6)
+    )
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 9, 64])
+def test_add_rms_norm_returns_norm_of_sum_and_sum(rows: int) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    x, residual = torch.randn(rows, 576, generator=gen), torch.randn(rows, 576, generator=gen)
+    weight = torch.randn(576, generator=gen)
+    normed, total = cpu_kernels.add_rms_norm(x, residual, weight, 1e-5)
+    torch.testing.assert_close(total, x + residual, rtol=0, atol=0)
+    torch.testing.assert_close(normed, torch_rms_norm(x + residual, weight, 1e-5))
+    # The inputs are left as they were.
+    assert not torch.equal(total, x) and not torch.equal(total, residual)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_silu_mul_matches_swiglu(rows: int) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    gate_up = torch.randn(rows, 2 * 1536, generator=gen) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(cpu_kernels.silu_mul(gate_up), F.silu(gate) * up)
+
+
+def _rotary_case(tokens: int, heads: int, kv_heads: int, dim: int, seed: int):  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen)
+    angles = torch.rand(tokens, dim // 2, generator=gen) * 100
+    emb = torch.cat([angles, angles], dim=-1)
+    cache = KVCache.allocate(1, 8, 16, kv_heads, dim, torch.float32, torch.device("cpu"))
+    slots = torch.randperm(cache.num_slots, generator=gen)[:tokens]
+    return qkv, emb.cos(), emb.sin(), cache, slots
+
+
+@needs_kernel
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 8), (2, 1, 6)])
+@pytest.mark.parametrize("tokens", [1, 7, 33])
+def test_rotary_store_kv_rotates_q_k_and_fills_the_slots(
+    tokens: int, heads: int, kv_heads: int, dim: int
+) -> None:
+    qkv, cos, sin, cache, slots = _rotary_case(tokens, heads, kv_heads, dim, tokens + dim)
+    q, k, v = qkv.clone().split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    want_q = apply_rotary(q.reshape(tokens, heads, dim), cos[:, None], sin[:, None])
+    want_k = apply_rotary(k.reshape(tokens, kv_heads, dim), cos[:, None], sin[:, None])
+    cpu_kernels.rotary_store_kv(
+        qkv, cos, sin, cache.keys[0], cache.values[0], slots, heads, kv_heads, dim
+    )
+    got_q, got_k, got_v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    torch.testing.assert_close(got_q.reshape(tokens, heads, dim), want_q)
+    torch.testing.assert_close(got_k.reshape(tokens, kv_heads, dim), want_k)
+    torch.testing.assert_close(got_v, v, rtol=0, atol=0)
+    torch.testing.assert_close(cache.keys[0][slots], want_k)
+    torch.testing.assert_close(cache.values[0][slots], v.reshape(tokens, kv_heads, dim))
+    untouched = torch.ones(cache.num_slots, dtype=torch.bool)
+    untouched[slots] = False
+    assert cache.keys[0][untouched].abs().sum() == 0 and cache.values[0][untouched].abs().sum() == 0
+
+
+@needs_kernel
+def test_rotary_store_kv_refuses_a_slot_outside_the_cache() -> None:
+    qkv, cos, sin, cache, slots = _rotary_case(3, 2, 1, 8, 0)
+    slots[1] = cache.num_slots
+    with pytest.raises(RuntimeError, match="outside"):
+        cpu_kernels.rotary_store_kv(qkv, cos, sin, cache.keys[0], cache.values[0], slots, 2, 1, 8)
+    with pytest.raises(RuntimeError, match="width"):
+        cpu_kernels.rotary_store_kv(qkv, cos, sin, cache.keys[0], cache.values[0], slots, 3, 1, 8)
+
+
+@needs_kernel
+def test_layers_route_float32_cpu_to_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    for name in ("rms_norm", "add_rms_norm", "silu_mul"):
+        real = getattr(cpu_kernels, name)
+
+        def spy(*args, _real=real, _name=name):  # type: ignore[no-untyped-def]
+            calls.append(_name)
+            return _real(*args)
+
+        monkeypatch.setattr(cpu_kernels, name, spy)
+    norm = RMSNorm(torch.rand(32), 1e-6)
+    x, r = torch.randn(4, 32), torch.randn(4, 32)
+    torch.testing.assert_close(norm(x), torch_rms_norm(x, norm.weight, 1e-6))
+    normed, _ = norm.add(x, r)
+    torch.testing.assert_close(normed, torch_rms_norm(x + r, norm.weight, 1e-6))
+    mlp = GatedMLP(Linear(torch.randn(16, 32)), RowLinear(Linear(torch.randn(32, 8)), 1), F.silu)
+    gate, up = F.linear(x, mlp.gate_up.weight).chunk(2, dim=-1)
+    torch.testing.assert_close(mlp(x), F.linear(F.silu(gate) * up, mlp.down.linear.weight))
+    assert calls == ["rms_norm", "add_rms_norm", "silu_mul"]
+    # Other dtypes take the torch path, which needs no kernel.
+    calls.clear()
+    norm64 = RMSNorm(torch.rand(32, dtype=torch.float64), 1e-6)
+    norm64(x.double())
+    norm64.add(x.double(), r.double())
+    assert calls == []
+    assert mlp_module.cpu_kernels is cpu_kernels
