@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -160,11 +161,19 @@ def _build(cpp_extension: ModuleType, directory: Path, cflags: list[str]) -> Non
         cpp_extension.load(
             name=_NAME,
             sources=[str(source) for source in _SOURCES],
-            extra_cflags=cflags,
+            # torch rebuilds when a source or a flag changes, not a header: the hash is a flag.
+            extra_cflags=[*cflags, f"-DTGSERVE_KERNELS_HASH={_sources_hash()}"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(directory),
             is_python_module=False,  # registers torch.ops.tgserve_cpu.*; no pybind module needed
         )
+
+
+def _sources_hash() -> str:
+    digest = hashlib.sha256()
+    for path in sorted((Path(__file__).parent / "csrc").iterdir()):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @contextmanager

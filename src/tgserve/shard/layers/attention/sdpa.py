@@ -56,12 +56,18 @@ def _prefill(
             assert seq.kv_slots is not None
             ks = kv_cache.keys[layer].index_select(0, seq.kv_slots).transpose(0, 1)  # [Hkv, c+n, D]
             vs = kv_cache.values[layer].index_select(0, seq.kv_slots).transpose(0, 1)
+        # Batched 4-d inputs with the kv heads repeated: torch's CPU flash kernel takes those
+        # (about 3x faster than the math path that enable_gqa or 3-d inputs fall back to).
+        group = qs.shape[0] // ks.shape[0]
+        if group > 1:
+            ks, vs = ks.repeat_interleave(group, dim=0), vs.repeat_interleave(group, dim=0)
+        qs, ks, vs = qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0)
         if seq.cache_len == 0 and window is None:
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
         else:
             mask = _causal_mask(seq.length, seq.cache_len, window, q.device)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[rows] = o.transpose(0, 1)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
+        out[rows] = o[0].transpose(0, 1)
 
 
 def _causal_mask(n: int, cache_len: int, window: int | None, device: torch.device) -> torch.Tensor:

@@ -15,7 +15,11 @@
 #include <cmath>
 #include <tuple>
 
+#include "simd.h"
+
 namespace {
+
+namespace simd = tgserve_simd;
 
 // Rows per parallel chunk: below a few rows a parallel region costs more than it saves.
 constexpr int64_t kRowGrain = 4;
@@ -88,7 +92,12 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
     for (int64_t r = r0; r < r1; ++r) {
       const float *g = gp + r * gs, *u = g + n;
       float* out = yp + r * n;
-      for (int64_t i = 0; i < n; ++i) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+      int64_t i = 0;
+      for (; i + simd::kLanes <= n; i += simd::kLanes) {
+        const simd::vec gv = simd::load(g + i);
+        simd::store(out + i, gv / (1.f + simd::exp(-gv)) * simd::load(u + i));
+      }
+      for (; i < n; ++i) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
     }
   });
   return y;

@@ -21,24 +21,24 @@
 #include <algorithm>
 #include <optional>
 
+#include "simd.h"
+
 namespace {
 
+using tgserve_simd::kLanes;
+using tgserve_simd::load;
+using tgserve_simd::store;
+using vec = tgserve_simd::vec;
 #if defined(__AVX512F__)
-constexpr int64_t kLanes = 16;
 constexpr int kMaxMR = 12;  // 24 accumulators + 2 weight vectors of the 32 registers
 #else
-constexpr int64_t kLanes = 8;
 constexpr int kMaxMR = 6;  // 12 accumulators + 2 weight vectors + 1 broadcast of the 16
 #endif
-typedef float vec __attribute__((vector_size(kLanes * 4), aligned(4), may_alias));
 constexpr int64_t kPanel = 2 * kLanes;
 // Rows of x per pass over the weight: x's chunk stays in L2 for every panel.
 constexpr int64_t kChunk = 192;
 // Prefetch distance in the panel stream, in k steps (kPanel floats each): about 4-8 KiB ahead.
 constexpr int64_t kAhead = 48;
-
-inline vec load(const float* p) { return *reinterpret_cast<const vec*>(p); }
-inline void store(float* p, vec v) { *reinterpret_cast<vec*>(p) = v; }
 
 struct Problem {
   const float* x;     // [M, K], row stride ldx

@@ -19,6 +19,8 @@
 #include <limits>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
 // Positions per rescale: enough to amortise it, few enough that the block's V rows stay in L1.
@@ -26,25 +28,20 @@ constexpr int64_t kBlock = 64;
 // How many positions ahead K rows are prefetched; 4..16 measured alike, 32 was worse.
 constexpr int64_t kAhead = 8;
 
-// 8 floats: one AVX2 register under -mavx2, two SSE registers without. Plain float arrays made GCC
-// keep accumulators on the stack; vector types stay in registers. may_alias + aligned(4) make a
-// load from any float address legal.
-typedef float vf8 __attribute__((vector_size(32), aligned(4), may_alias));
-constexpr int64_t kLanes = 8;
-
-inline vf8 load(const float* p) { return *reinterpret_cast<const vf8*>(p); }
+// Vector types (simd.h) rather than plain float arrays: GCC kept array accumulators on the stack.
+using tgserve_simd::kLanes;
+using tgserve_simd::load;
+using vf = tgserve_simd::vec;
 
 inline float dot(const float* a, const float* b, int64_t n) {
-  vf8 acc0 = {}, acc1 = {};  // two chains, so each FMA need not wait for the previous one
+  vf acc0 = {}, acc1 = {};  // two chains, so each FMA need not wait for the previous one
   int64_t i = 0;
   for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
     acc0 += load(a + i) * load(b + i);
     acc1 += load(a + i + kLanes) * load(b + i + kLanes);
   }
   for (; i + kLanes <= n; i += kLanes) acc0 += load(a + i) * load(b + i);
-  acc0 += acc1;
-  float s = 0.f;
-  for (int64_t j = 0; j < kLanes; ++j) s += acc0[j];
+  float s = tgserve_simd::hsum(acc0 + acc1);
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
@@ -53,11 +50,11 @@ inline float dot(const float* a, const float* b, int64_t n) {
 template <int64_t V>
 inline void weighted_rows(const float* w, const float* const* rows, int64_t n, int64_t c,
                           float* out) {
-  vf8 acc[V];
+  vf acc[V];
   for (int64_t j = 0; j < V; ++j) acc[j] = load(out + c + j * kLanes);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < V; ++j) acc[j] += w[i] * load(rows[i] + c + j * kLanes);
-  for (int64_t j = 0; j < V; ++j) *reinterpret_cast<vf8*>(out + c + j * kLanes) = acc[j];
+  for (int64_t j = 0; j < V; ++j) tgserve_simd::store(out + c + j * kLanes, acc[j]);
 }
 
 inline void scale_in_place(float w, float* y, int64_t n) {
@@ -119,8 +116,15 @@ void softmax_block(const Task& t, Scratch& s, int64_t n) {
     const float m = std::max(s.max[h], *std::max_element(sc, sc + n));
     const float correction = std::exp(s.max[h] - m);  // 0 on the first block, when all is zero
     scale_in_place(correction, t.out + h * t.dim, t.dim);
-    float sum = s.sum[h] * correction;
-    for (int64_t i = 0; i < n; ++i) sum += (sc[i] = std::exp(sc[i] - m));
+    int64_t i = 0;
+    vf total = {};
+    for (; i + kLanes <= n; i += kLanes) {
+      const vf e = tgserve_simd::exp(load(sc + i) - m);
+      tgserve_simd::store(sc + i, e);
+      total += e;
+    }
+    float sum = s.sum[h] * correction + tgserve_simd::hsum(total);
+    for (; i < n; ++i) sum += (sc[i] = std::exp(sc[i] - m));
     s.max[h] = m;
     s.sum[h] = sum;
   }
@@ -135,6 +139,7 @@ void accumulate_block(const Task& t, Scratch& s, int64_t b0, int64_t n) {
     float* o = t.out + h * t.dim;
     int64_t c = 0;
     for (; c + 4 * kLanes <= t.dim; c += 4 * kLanes) weighted_rows<4>(w, s.rows, n, c, o);
+    for (; c + 2 * kLanes <= t.dim; c += 2 * kLanes) weighted_rows<2>(w, s.rows, n, c, o);
     for (; c + kLanes <= t.dim; c += kLanes) weighted_rows<1>(w, s.rows, n, c, o);
     for (; c < t.dim; ++c)
       for (int64_t i = 0; i < n; ++i) o[c] += w[i] * s.rows[i][c];

@@ -1,0 +1,65 @@
+// Portable SIMD helpers for the CPU kernels: one vector type as wide as the ISA the file is
+// compiled for (16 floats with AVX-512, 8 otherwise), a horizontal sum and a vectorised exp.
+// GCC/Clang vector extensions, so the same code builds (more slowly) on any CPU.
+#pragma once
+
+#include <cstdint>
+
+namespace tgserve_simd {
+
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;
+#else
+constexpr int64_t kLanes = 8;
+#endif
+// may_alias + aligned(4) make a load from any float address legal.
+typedef float vec __attribute__((vector_size(kLanes * 4), aligned(4), may_alias));
+typedef int32_t ivec __attribute__((vector_size(kLanes * 4), aligned(4), may_alias));
+typedef float vec8 __attribute__((vector_size(32), aligned(4), may_alias));
+typedef float vec4 __attribute__((vector_size(16), aligned(4), may_alias));
+
+inline vec load(const float* p) { return *reinterpret_cast<const vec*>(p); }
+inline void store(float* p, vec v) { *reinterpret_cast<vec*>(p) = v; }
+inline vec splat(float x) { return vec{} + x; }
+
+inline float hsum8(vec8 v) {
+  const vec4 q = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  const vec4 h = q + __builtin_shufflevector(q, q, 2, 3, 0, 1);
+  return h[0] + h[1];
+}
+
+// Halving shuffle-and-add steps instead of a chain of lane extracts.
+inline float hsum(vec v) {
+#if defined(__AVX512F__)
+  return hsum8(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+#else
+  return hsum8(v);
+#endif
+}
+
+// exp(x) per lane, within about 1 ulp of std::exp over the float range (Cephes' expf polynomial):
+// x = n·ln2 + r with |r| ≤ ln2/2, exp(r) by a degree-6 polynomial, 2^n put into the exponent bits.
+// Inputs are clamped to [-87, 88], where 2^n stays a normal float: exp(-87) ≈ 1.6e-38 stands in
+// for smaller results, which every caller here treats as zero anyway.
+inline vec exp(vec x) {
+  x = x < -87.f ? splat(-87.f) : x;
+  x = x > 88.f ? splat(88.f) : x;
+  // Round-to-nearest of x·log2(e) with the 1.5·2^23 trick (default rounding mode).
+  const vec n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  vec r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vec p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.f;
+  const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+  vec scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+}  // namespace tgserve_simd
