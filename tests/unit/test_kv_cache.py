@@ -30,3 +30,17 @@ def test_cpu_cache_is_zero_and_resident_only_where_written() -> None:
     assert cache.keys[5][2048:4096].eq(0).all() and cache.values[23][-16:].eq(0).all()
     # Layers do not alias each other.
     assert cache.keys[0].data_ptr() != cache.keys[1].data_ptr() != cache.values[0].data_ptr()
+
+
+def test_forget_zeroes_the_cache_and_returns_its_pages() -> None:
+    cache = KVCache.allocate(8, 2048, 16, 4, 64, torch.float32, torch.device("cpu"))
+    slots = torch.arange(0, 16384)
+    for layer in range(8):
+        cache.write(layer, slots, torch.ones(16384, 4, 64), torch.ones(16384, 4, 64))
+    filled = _rss_bytes()
+    cache.forget()
+    # Written: 8 x 16384 x 4 x 64 x 4 x 2 = 256 MiB, all of it given back.
+    assert filled - _rss_bytes() > 200 * 2**20
+    assert cache.keys[3].eq(0).all() and cache.values[7].eq(0).all()
+    cache.write(0, slots[:2], torch.full((2, 4, 64), 3.0), torch.full((2, 4, 64), 4.0))
+    assert cache.keys[0][:2].eq(3).all() and cache.values[0][:2].eq(4).all()

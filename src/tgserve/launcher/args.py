@@ -84,7 +84,7 @@ FLAGS: list[tuple[str, Callable[[str], Any] | None, Any, str]] = [
     ("--graceful-termination-timeout", int, 90, "Seconds in-flight requests get on SIGTERM"),
     # tgserve's own flags.
     ("--kv-cache-memory", str, None, "Bytes of KV cache per shard, e.g. 1GiB (default: auto)"),
-    ("--max-step-prefill-tokens", _positive(int), 512,
+    ("--max-step-prefill-tokens", _positive(int), 256,
      "Prompt tokens admitted per step while others decode (time to first token vs. latency)"),
     ("--threads", int, 0, "torch threads per shard (0: one per core)"),
     ("--convert-pickle-weights", None, False, "Convert .bin checkpoints to safetensors"),

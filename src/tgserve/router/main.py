@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-total-tokens", type=int)
     p.add_argument("--max-waiting-tokens", type=int, default=20)
     p.add_argument("--max-batch-size", type=int)
-    p.add_argument("--max-step-prefill-tokens", type=int, default=512)
+    p.add_argument("--max-step-prefill-tokens", type=int, default=256)
     p.add_argument("--hostname", default="0.0.0.0")
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--prometheus-port", type=int, default=9000)

@@ -52,7 +52,7 @@ class SchedulerSettings:
     max_total_tokens: int | None = None
     # With mixed prefill, new prompt tokens admitted per step while others decode: small steps let
     # early arrivals start at once instead of all waiting for one huge prefill (time to first token).
-    max_step_prefill_tokens: int = 512
+    max_step_prefill_tokens: int = 256
 
 
 class SchedulerObserver(Protocol):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -93,6 +95,26 @@ class RouterTokenizer:
 
 
 def load(path: str, validation_workers: int = 2) -> RouterTokenizer:
-    from transformers import AutoTokenizer  # heavy import, only when a real model is served
+    return RouterTokenizer(load_hf_tokenizer(path), validation_workers)
 
-    return RouterTokenizer(AutoTokenizer.from_pretrained(path), validation_workers)
+
+def load_hf_tokenizer(path: str) -> Any:
+    """The tokenizer AutoTokenizer would build, without AutoTokenizer's import of torch.
+
+    AutoTokenizer goes through transformers' config classes, which import torch: ~200 MB of
+    resident memory in a process that never runs a tensor. The class named by the folder's
+    tokenizer_config.json is the one AutoTokenizer would pick; only when that name is missing or
+    unknown does AutoTokenizer itself decide.
+    """
+    import transformers  # heavy import, only when a real model is served
+
+    config = Path(path) / "tokenizer_config.json"
+    name = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    for candidate in (f"{name}Fast", name) if name else ():
+        try:
+            cls = getattr(transformers, candidate, None)
+        except (ImportError, RuntimeError):  # a class whose backend is not installed
+            cls = None
+        if cls is not None and hasattr(cls, "from_pretrained"):
+            return cls.from_pretrained(path)
+    return transformers.AutoTokenizer.from_pretrained(path)

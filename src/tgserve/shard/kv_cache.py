@@ -17,6 +17,8 @@ class KVCache:
     keys: list[torch.Tensor]  # per layer: [num_slots, kv_heads, head_dim]
     values: list[torch.Tensor]
     block_size: int
+    # The anonymous mapping behind a CPU cache, whose pages can be handed back to the OS.
+    buffer: mmap.mmap | None = None
 
     @classmethod
     def allocate(
@@ -31,10 +33,21 @@ class KVCache:
     ) -> KVCache:
         shape = (2, num_layers, num_blocks * block_size, num_kv_heads, head_dim)
         # Zeros, not empty: padded reads of unwritten slots are masked out, and 0 * NaN would not be.
-        cache = _lazy_zeros(shape, dtype) if device.type == "cpu" else torch.zeros(
-            shape, dtype=dtype, device=device
-        )
-        return cls(list(cache[0].unbind(0)), list(cache[1].unbind(0)), block_size)
+        buffer = None
+        if device.type == "cpu":
+            cache, buffer = _lazy_zeros(shape, dtype)
+        else:
+            cache = torch.zeros(shape, dtype=dtype, device=device)
+        return cls(list(cache[0].unbind(0)), list(cache[1].unbind(0)), block_size, buffer)
+
+    def forget(self) -> None:
+        """Every slot back to zero. On CPU the pages go back to the OS (resident memory falls to
+        what requests write next): after warmup, which fills the cache with throwaway values."""
+        if self.buffer is not None:
+            self.buffer.madvise(mmap.MADV_DONTNEED)  # private anonymous pages read back as zeros
+            return
+        for t in (*self.keys, *self.values):
+            t.zero_()
 
     @property
     def num_slots(self) -> int:
@@ -56,12 +69,12 @@ class KVCache:
         self.values[layer].index_copy_(0, slots, v)
 
 
-def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, mmap.mmap | None]:
     """Zeros in fresh anonymous memory: the kernel hands out zero pages on first touch, so the
     cache costs resident memory only for the blocks requests have written, not its full size."""
     size = math.prod(shape) * torch.finfo(dtype).bits // 8
     if size == 0:
-        return torch.zeros(shape, dtype=dtype)
+        return torch.zeros(shape, dtype=dtype), None
     buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     # The tensor keeps `buffer` alive; it is unmapped when the last view of the cache goes.
-    return torch.frombuffer(buffer, dtype=dtype).view(shape)
+    return torch.frombuffer(buffer, dtype=dtype).view(shape), buffer

@@ -99,10 +99,19 @@ void run(const Problem& p) {
   const int64_t grain = (panels + threads - 1) / threads;
   for (int64_t c0 = 0; c0 < p.m; c0 += kChunk) {
     const int64_t c1 = std::min(p.m, c0 + kChunk);
+    // Tiles of equal height (16 rows: 8 + 8, not 12 + 4): a short last tile would re-read the
+    // panel for few FMAs per weight load.
+    const int64_t tiles = (c1 - c0 + kMaxMR - 1) / kMaxMR;
+    const int64_t base = (c1 - c0) / tiles, taller = (c1 - c0) % tiles;
     at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
-      for (int64_t panel = p0; panel < p1; ++panel)
-        for (int64_t m0 = c0; m0 < c1; m0 += kMaxMR)
-          micro_tail<kMaxMR>(p, m0, std::min<int64_t>(kMaxMR, c1 - m0), panel);
+      for (int64_t panel = p0; panel < p1; ++panel) {
+        int64_t m0 = c0;
+        for (int64_t tile = 0; tile < tiles; ++tile) {
+          const int64_t rows = base + (tile < taller ? 1 : 0);
+          micro_tail<kMaxMR>(p, m0, rows, panel);
+          m0 += rows;
+        }
+      }
     });
   }
 }
