@@ -61,5 +61,7 @@ def test_loading_does_not_import_torch(default_model_folder: Path) -> None:
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "print(len(tok.tokenizer('hello')['input_ids']))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
     assert done.returncode == 0, done.stderr

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import mmap
 import math
+import mmap
+from dataclasses import dataclass
 
 import torch
 

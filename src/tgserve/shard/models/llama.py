@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers import PretrainedConfig
 
 from tgserve.shard.kv_cache import KVCache
@@ -74,6 +75,20 @@ class LlamaLayer:
     attention: LlamaAttention
     post_norm: RMSNorm
     mlp: GatedMLP
+    # Decode steps run the whole layer as one C++ op (decode_layer.cpp: the same kernels in the
+    # same order, without a Python round trip per op) when every piece of it has a CPU kernel.
+    fused_decode: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        a, m = self.attention, self.mlp
+        linears = (a.qkv, a.o.linear, m.gate_up, m.down.linear)
+        self.fused_decode = (
+            a.backend_name == "sdpa"
+            and a.o.world_size == m.down.world_size == 1
+            and m.act is F.silu
+            and self.input_norm.eps == self.post_norm.eps
+            and all(linear.packed is not None for linear in linears)
+        )
 
     def __call__(
         self,
@@ -86,6 +101,14 @@ class LlamaLayer:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(this block's MLP output, the residual stream before it is added): each residual add
         is fused with the norm that follows it, the last one with the model's final norm."""
+        d = self.attention.dims
+        if (
+            self.fused_decode
+            and meta.prefill is None
+            and cos.shape[-1] == d.head_dim
+            and cpu_kernels_fit(hidden, kv_cache.keys[self.attention.layer])
+        ):
+            return self._decode(hidden, residual, cos, sin, kv_cache, meta)
         if residual is None:
             residual, hidden = hidden, self.input_norm(hidden)
         else:
@@ -93,6 +116,27 @@ class LlamaLayer:
         hidden = self.attention(hidden, cos, sin, kv_cache, meta)
         hidden, residual = self.post_norm.add(hidden, residual)
         return self.mlp(hidden), residual
+
+    def _decode(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        a, m, d = self.attention, self.mlp, self.attention.dims
+        o, down = a.o.linear, m.down.linear
+        return cpu_kernels.llama_decode_layer(
+            hidden, residual, self.input_norm.weight, self.post_norm.weight, self.input_norm.eps,
+            a.qkv.packed, a.qkv.bias, o.packed, o.bias, m.gate_up.packed, m.gate_up.bias,
+            down.packed, down.bias, m.gate_up.out_features // 2,
+            cos.view(-1, d.head_dim), sin.view(-1, d.head_dim),
+            kv_cache.keys[a.layer], kv_cache.values[a.layer], meta.slots, meta.kv_index,
+            meta.kv_lengths, d.num_heads, d.num_kv_heads, d.head_dim, a.window or 0,
+            d.head_dim**-0.5,
+        )  # fmt: skip
 
 
 class LlamaForCausalLM(CausalLM):

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 _NAME = "tgserve_cpu_kernels"
 _SOURCES = [
     Path(__file__).parent / "csrc" / name
-    for name in ("paged_attention.cpp", "packed_linear.cpp", "fused_ops.cpp")
+    for name in ("paged_attention.cpp", "packed_linear.cpp", "fused_ops.cpp", "decode_layer.cpp")
 ]
 # CPUs on which torch itself runs AVX2+FMA kernels; anything else gets portable -O3 code.
 _AVX2_CAPABILITIES = frozenset({"AVX2", "AVX512"})
@@ -108,6 +108,12 @@ def rotary_store_kv(
     """In place on qkv [T, (H + 2 Hkv) D]: rotate-half RoPE of the q and k heads (cos/sin [T, D]);
     then each token's k and v go to its slot of k_cache/v_cache [N, Hkv, D]."""
     _ops().rotary_store_kv(qkv, cos, sin, k_cache, v_cache, slots, heads, kv_heads, dim)
+
+
+def llama_decode_layer(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole Llama-shaped layer of a decode step in one op; see models/llama.py for arguments."""
+    out, residual = _ops().llama_decode_layer(*args)
+    return out, residual
 
 
 def compile_flags(capability: str) -> list[str]:

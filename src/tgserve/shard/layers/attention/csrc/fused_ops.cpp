@@ -15,6 +15,7 @@
 #include <cmath>
 #include <tuple>
 
+#include "kernels.h"
 #include "simd.h"
 
 namespace {
@@ -38,6 +39,11 @@ inline void norm_row(const float* x, const float* w, float* y, int64_t n, float 
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] = w[i] * (x[i] * r);
 }
+
+}  // namespace
+
+// The operations themselves, also called directly by decode_layer.cpp (kernels.h).
+namespace tgserve_kernels {
 
 // y = weight * x / sqrt(mean(x²) + eps), row by row.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -153,7 +159,7 @@ void rotary_store_kv(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& s
   });
 }
 
-}  // namespace
+}  // namespace tgserve_kernels
 
 TORCH_LIBRARY_FRAGMENT(tgserve_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -165,8 +171,8 @@ TORCH_LIBRARY_FRAGMENT(tgserve_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(tgserve_cpu, CPU, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("add_rms_norm", &add_rms_norm);
-  m.impl("silu_mul", &silu_mul);
-  m.impl("rotary_store_kv", &rotary_store_kv);
+  m.impl("rms_norm", &tgserve_kernels::rms_norm);
+  m.impl("add_rms_norm", &tgserve_kernels::add_rms_norm);
+  m.impl("silu_mul", &tgserve_kernels::silu_mul);
+  m.impl("rotary_store_kv", &tgserve_kernels::rotary_store_kv);
 }

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <optional>
 
+#include "kernels.h"
 #include "simd.h"
 
 namespace {
@@ -116,6 +117,11 @@ void run(const Problem& p) {
   }
 }
 
+}  // namespace
+
+// The operations themselves, also called directly by decode_layer.cpp (kernels.h).
+namespace tgserve_kernels {
+
 int64_t panel_width() { return kPanel; }
 
 // [N, K] -> [ceil(N / kPanel), K, kPanel], zero-padded past N.
@@ -189,17 +195,17 @@ at::Tensor packed_rows(const at::Tensor& ids_in, const at::Tensor& packed, int64
   return out;
 }
 
-}  // namespace
+}  // namespace tgserve_kernels
 
 TORCH_LIBRARY_FRAGMENT(tgserve_cpu, m) {
-  m.def("linear_panel_width() -> int", &panel_width);
+  m.def("linear_panel_width() -> int", &tgserve_kernels::panel_width);
   m.def("pack_linear_weight(Tensor weight) -> Tensor");
   m.def("packed_linear(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor");
   m.def("packed_rows(Tensor ids, Tensor packed, int n) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tgserve_cpu, CPU, m) {
-  m.impl("pack_linear_weight", &pack_linear_weight);
-  m.impl("packed_linear", &packed_linear);
-  m.impl("packed_rows", &packed_rows);
+  m.impl("pack_linear_weight", &tgserve_kernels::pack_linear_weight);
+  m.impl("packed_linear", &tgserve_kernels::packed_linear);
+  m.impl("packed_rows", &tgserve_kernels::packed_rows);
 }

@@ -19,6 +19,7 @@
 #include <limits>
 #include <vector>
 
+#include "kernels.h"
 #include "simd.h"
 
 namespace {
@@ -183,6 +184,11 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               "kv_index and lengths must be int64");
 }
 
+}  // namespace
+
+// The operations themselves, also called directly by decode_layer.cpp (kernels.h).
+namespace tgserve_kernels {
+
 at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v,
                                   const at::Tensor& kv_index_in, const at::Tensor& lengths_in,
                                   double scale, int64_t window) {
@@ -224,7 +230,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k, c
   return out;
 }
 
-}  // namespace
+}  // namespace tgserve_kernels
 
 TORCH_LIBRARY(tgserve_cpu, m) {
   m.def(
@@ -233,5 +239,5 @@ TORCH_LIBRARY(tgserve_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(tgserve_cpu, CPU, m) {
-  m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("paged_decode_attention", &tgserve_kernels::paged_decode_attention);
 }
