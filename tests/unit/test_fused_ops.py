@@ -140,3 +140,73 @@ def test_layers_route_float32_cpu_to_the_kernels(monkeypatch: pytest.MonkeyPatch
     norm64.add(x.double(), r.double())
     assert calls == []
     assert mlp_module.cpu_kernels is cpu_kernels
+
+
+def torch_greedy(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the chooser computed before the fused op: argmax, then log_softmax gathered there."""
+    ids = scores.argmax(-1)
+    return ids, torch.log_softmax(scores, -1).gather(1, ids[:, None]).squeeze(1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 5, 64])
+@pytest.mark.parametrize("vocab", [1, 7, 16, 33, 49152])
+def test_greedy_choice_matches_argmax_and_log_softmax(rows: int, vocab: int) -> None:
+    gen = torch.Generator().manual_seed(rows * vocab)
+    scores = torch.randn(rows, vocab, generator=gen) * 8
+    ids, logprobs = cpu_kernels.greedy_choice(scores)
+    want_ids, want_logprobs = torch_greedy(scores)
+    assert ids.dtype == torch.int64 and logprobs.dtype == torch.float32
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(logprobs, want_logprobs, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_greedy_choice_ties_nans_and_infinities_follow_torch() -> None:
+    scores = torch.zeros(6, 40)
+    scores[0, [3, 17, 35]] = 5.0  # ties in different SIMD lanes and in the tail: the first wins
+    scores[1, [20, 4]] = 2.0
+    scores[2, 9] = float("nan")
+    scores[2, 30] = float("nan")
+    scores[3, 0] = float("nan")
+    scores[4, :] = float("-inf")
+    scores[5, 12] = float("inf")
+    ids, logprobs = cpu_kernels.greedy_choice(scores)
+    want_ids, want_logprobs = torch_greedy(scores)
+    assert ids.tolist() == want_ids.tolist() == [3, 4, 9, 0, 0, 12]
+    torch.testing.assert_close(logprobs, want_logprobs, equal_nan=True)
+    # A strided view (a column slice of wider logits) is read as it is.
+    wide = torch.randn(4, 100)
+    ids, logprobs = cpu_kernels.greedy_choice(wide[:, :60])
+    torch.testing.assert_close(logprobs, torch_greedy(wide[:, :60])[1])
+    assert torch.equal(ids, wide[:, :60].argmax(-1))
+
+
+@needs_kernel
+def test_greedy_chooser_takes_the_fused_op_and_keeps_all_logprobs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tgserve.shard.sampling.chooser import NextTokenChooser
+    from tgserve.shard.sampling.params import SamplingParams
+
+    calls: list[tuple[int, ...]] = []
+    fused = cpu_kernels.greedy_choice
+
+    def spy(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(tuple(scores.shape))
+        return fused(scores)
+
+    monkeypatch.setattr(cpu_kernels, "greedy_choice", spy)
+    logits = torch.randn(3, 50)
+    out = NextTokenChooser.from_params([SamplingParams()] * 3, [[1]] * 3, 50, "cpu")(logits)
+    assert calls == [(3, 50)]
+    want_ids, want_logprobs = torch_greedy(logits)
+    assert torch.equal(out.next_ids, want_ids)
+    torch.testing.assert_close(out.logprobs, want_logprobs)
+    # The full distribution (top_n_tokens) is still there, made when asked for.
+    torch.testing.assert_close(out.all_logprobs, torch.log_softmax(logits, -1))
+    # A sampling row needs the distribution itself: no fused op.
+    sampled = NextTokenChooser.from_params([SamplingParams(temperature=0.5, seed=3)], [[1]], 50,
+                                           "cpu")
+    sampled(torch.randn(1, 50))
+    assert len(calls) == 1

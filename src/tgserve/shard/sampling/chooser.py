@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tgserve.shard.layers.attention import cpu_kernels
+from tgserve.shard.layers.fused import cpu_kernels_fit
 from tgserve.shard.sampling import functional as F
 from tgserve.shard.sampling.params import SamplingParams
 
@@ -47,7 +49,16 @@ _OPS: tuple[tuple[str, Needs, Callable[[SamplingParams], float], torch.dtype], .
 class ChooserOutput:
     next_ids: torch.Tensor  # [B] int64
     logprobs: torch.Tensor  # [B] float32, chosen token in the final (post-warp) distribution
-    all_logprobs: torch.Tensor  # [B, V] float32 log_softmax of the final scores
+    scores: torch.Tensor  # [B, V] the final (post-warp) scores
+    _all_logprobs: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def all_logprobs(self) -> torch.Tensor:
+        """[B, V] float32 log_softmax of the final scores, made on first use: a greedy step needs
+        only the chosen tokens' log-probabilities, and this is the step's largest tensor."""
+        if self._all_logprobs is None:
+            self._all_logprobs = torch.log_softmax(self.scores, dim=-1, dtype=torch.float32)
+        return self._all_logprobs
 
 
 @dataclass(frozen=True)
@@ -173,6 +184,9 @@ class NextTokenChooser:
             scores = logits.to(torch.float32, copy=True)  # ours to edit in place from here on
             for op in self._ops:
                 scores = self._run(op, scores)
+        if not self._sample_rows and cpu_kernels_fit(scores):
+            next_ids, logprobs = cpu_kernels.greedy_choice(scores)
+            return ChooserOutput(next_ids, logprobs, scores)
         all_logprobs = torch.log_softmax(scores, dim=-1, dtype=torch.float32)
         next_ids = scores.argmax(dim=-1)
         if self._sample_rows:
@@ -182,7 +196,7 @@ class NextTokenChooser:
             else:
                 next_ids = next_ids.index_copy(0, self._sample_index, sampled)
         logprobs = all_logprobs.gather(1, next_ids.unsqueeze(-1)).squeeze(-1)
-        return ChooserOutput(next_ids, logprobs, all_logprobs)
+        return ChooserOutput(next_ids, logprobs, scores, all_logprobs)
 
     def advance(self, next_ids: torch.Tensor) -> None:
         """Record the tokens chosen for every row ([B] ids) and commit the sampling draws."""

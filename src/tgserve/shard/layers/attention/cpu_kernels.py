@@ -25,7 +25,10 @@ logger = logging.getLogger(__name__)
 _NAME = "tgserve_cpu_kernels"
 _SOURCES = [
     Path(__file__).parent / "csrc" / name
-    for name in ("paged_attention.cpp", "packed_linear.cpp", "fused_ops.cpp", "decode_layer.cpp")
+    for name in (
+        "paged_attention.cpp", "packed_linear.cpp", "fused_ops.cpp", "decode_layer.cpp",
+        "greedy.cpp",
+    )
 ]
 # CPUs on which torch itself runs AVX2+FMA kernels; anything else gets portable -O3 code.
 _AVX2_CAPABILITIES = frozenset({"AVX2", "AVX512"})
@@ -114,6 +117,13 @@ def llama_decode_layer(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole Llama-shaped layer of a decode step in one op; see models/llama.py for arguments."""
     out, residual = _ops().llama_decode_layer(*args)
     return out, residual
+
+
+def greedy_choice(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of scores [B, V] float32: (argmax [B] int64, log_softmax at the argmax [B] float32),
+    as torch.argmax and log_softmax give them, without the [B, V] log-probabilities."""
+    ids, logprobs = _ops().greedy_choice(scores)
+    return ids, logprobs
 
 
 def compile_flags(capability: str) -> list[str]:

@@ -7,8 +7,8 @@
 // rows (and a prefill) run near the FMA peak, where a dot-product kernel over W's rows cannot.
 // At one row the same loop is a single linear stream through W: bound by memory bandwidth.
 //
-// Each thread owns a contiguous run of panels, so W is read from memory once per call (per
-// chunk of kChunk rows of x, which stays in L2 while every panel of the thread meets it).
+// W is read from memory once per call per chunk of kChunk rows of x (which stays in L2 while
+// every panel meets it); threads take runs of panels as they come free (see run()).
 // Vector width follows the ISA the file is compiled for: 16 floats with AVX-512, 8 otherwise.
 
 #include <ATen/Parallel.h>
@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <optional>
 
 #include "kernels.h"
@@ -95,16 +96,24 @@ void micro_tail(const Problem& p, int64_t m0, int64_t rows, int64_t panel) {
 
 void run(const Problem& p) {
   const int64_t panels = (p.n + kPanel - 1) / kPanel;
-  // A panel per task would let threads interleave through W; contiguous runs keep one stream each.
+  const int64_t chunks = (p.m + kChunk - 1) / kChunk;
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), panels));
-  const int64_t grain = (panels + threads - 1) / threads;
-  for (int64_t c0 = 0; c0 < p.m; c0 += kChunk) {
-    const int64_t c1 = std::min(p.m, c0 + kChunk);
-    // Tiles of equal height (16 rows: 8 + 8, not 12 + 4): a short last tile would re-read the
-    // panel for few FMAs per weight load.
-    const int64_t tiles = (c1 - c0 + kMaxMR - 1) / kMaxMR;
-    const int64_t base = (c1 - c0) / tiles, taller = (c1 - c0) % tiles;
-    at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+  // Tasks of a few consecutive panels, about 8 per thread, taken first come first served: on two
+  // cores the router and the clients preempt one of the threads now and then, and with a fixed
+  // split the other would then wait at the end of every op. Runs of panels keep each task a
+  // linear stream through W; chunk-major order keeps the threads on the same rows of x (in L2).
+  const int64_t per_task = std::max<int64_t>(1, panels / (8 * threads));
+  const int64_t groups = (panels + per_task - 1) / per_task, tasks = chunks * groups;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
+    for (int64_t task = next.fetch_add(1, std::memory_order_relaxed); task < tasks;
+         task = next.fetch_add(1, std::memory_order_relaxed)) {
+      const int64_t c0 = (task / groups) * kChunk, c1 = std::min(p.m, c0 + kChunk);
+      const int64_t p0 = (task % groups) * per_task, p1 = std::min(panels, p0 + per_task);
+      // Tiles of equal height (16 rows: 8 + 8, not 12 + 4): a short last tile would re-read the
+      // panel for few FMAs per weight load.
+      const int64_t tiles = (c1 - c0 + kMaxMR - 1) / kMaxMR;
+      const int64_t base = (c1 - c0) / tiles, taller = (c1 - c0) % tiles;
       for (int64_t panel = p0; panel < p1; ++panel) {
         int64_t m0 = c0;
         for (int64_t tile = 0; tile < tiles; ++tile) {
@@ -113,8 +122,8 @@ void run(const Problem& p) {
           m0 += rows;
         }
       }
-    });
-  }
+    }
+  });
 }
 
 }  // namespace
