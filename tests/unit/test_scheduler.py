@@ -12,15 +12,17 @@ import pytest
 
 from tgserve.pb import generate_pb2 as pb
 from tgserve.router.scheduler import (
+    QUEUE_DRAIN_STEPS,
+    U64_MAX,
     NoopObserver,
     Scheduler,
     SchedulerSettings,
-    U64_MAX,
     StartupError,
     connect_and_warmup,
     resolve_limits,
     resolve_settings,
     shard_info,
+    step_prefill_budget,
 )
 from tgserve.router.shard_client import ShardTimings, StepResult
 from tgserve.router.types import (
@@ -683,5 +685,37 @@ def test_mixed_steps_admit_small_prefills_and_a_long_prompt_alone() -> None:
         assert [len(r) for r in results] == [30, 3, 3, 3, 2]
         joined = client.prefills()[1:]
         assert all(len(ids) == 1 for ids in joined) and len(joined) == 4
+
+    run(main())
+
+
+def test_step_prefill_budget_grows_with_a_deep_queue_only() -> None:
+    s = SchedulerSettings(max_batch_prefill_tokens=4096, max_step_prefill_tokens=256)
+    assert step_prefill_budget(s, 0) == 256
+    assert step_prefill_budget(s, 256 * QUEUE_DRAIN_STEPS) == 256
+    assert step_prefill_budget(s, 1000 * QUEUE_DRAIN_STEPS) == 1000
+    assert step_prefill_budget(s, 10**6) == 4096  # never past --max-batch-prefill-tokens
+    small = SchedulerSettings(max_batch_prefill_tokens=128, max_step_prefill_tokens=256)
+    assert step_prefill_budget(small, 0) == 128
+
+
+def test_mixed_steps_admit_more_per_step_while_a_deep_queue_waits() -> None:
+    async def main() -> None:
+        scheduler, client = make(num_blocks=160, mixed_prefill=True, max_step_prefill_tokens=12,
+                                 max_batch_prefill_tokens=64)
+        scheduler.start()
+        first = asyncio.create_task(collect(scheduler.schedule(req(4, 40))))
+        await wait_until(lambda: len(client.decodes()) >= 1)
+        # 24 waiting 8-token prompts (192 tokens): the budget is 192 / 8 = 24, room for several
+        # prompts next to the running row, where the base 12 admits one a step.
+        queued = [asyncio.create_task(collect(scheduler.schedule(req(8, 3)))) for _ in range(24)]
+        results = await asyncio.gather(first, *queued)
+        await scheduler.stop()
+        assert [len(r) for r in results] == [40] + [3] * 24
+        joined = [len(ids) for ids in client.prefills()[1:]]
+        assert joined[0] > 1 and max(joined) <= 3  # 24 - 1 running, in 4-token blocks: 3
+        assert joined[-1] == 1  # the queue shallow again: back to the base budget
+        assert sum(joined) == 24
+        assert scheduler.allocator.used_blocks == 0
 
     run(main())

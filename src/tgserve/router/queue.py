@@ -65,6 +65,10 @@ class Queue:
         self._entries.append(entry)
         return entry.id
 
+    def waiting_tokens(self) -> int:
+        """Prompt tokens of the requests still waiting (cancelled ones excluded)."""
+        return sum(e.request.input_length for e in self._entries if not e.cancelled)
+
     def drain(self) -> list[Entry]:
         """Remove and return every waiting entry (shutdown)."""
         entries = list(self._entries)

@@ -52,7 +52,26 @@ class SchedulerSettings:
     max_total_tokens: int | None = None
     # With mixed prefill, new prompt tokens admitted per step while others decode: small steps let
     # early arrivals start at once instead of all waiting for one huge prefill (time to first token).
+    # A deep queue grows it (step_prefill_budget).
     max_step_prefill_tokens: int = 256
+
+
+# A queue deeper than this many steps' worth of --max-step-prefill-tokens grows the step's budget
+# so that it drains in about this many steps.
+QUEUE_DRAIN_STEPS = 8
+
+
+def step_prefill_budget(settings: SchedulerSettings, waiting_tokens: int) -> int:
+    """Prompt tokens one mixed step may admit, the running rows included.
+
+    --max-step-prefill-tokens while the queue is shallow: a new arrival then waits at most one short
+    step. With more waiting than QUEUE_DRAIN_STEPS such steps would admit, their time to first token
+    is queueing time and the queue drains sooner in fewer, bigger steps (fewer passes over the
+    weights per prompt token, a shorter tail of half-empty decode steps): the budget becomes
+    1/QUEUE_DRAIN_STEPS of what waits, up to --max-batch-prefill-tokens.
+    """
+    base = min(settings.max_step_prefill_tokens, settings.max_batch_prefill_tokens)
+    return min(settings.max_batch_prefill_tokens, max(base, waiting_tokens // QUEUE_DRAIN_STEPS))
 
 
 class SchedulerObserver(Protocol):
@@ -310,7 +329,7 @@ class Scheduler:
         self, running: int, max_size: int | None, token_budget: int
     ) -> NextBatch | None:
         s = self.settings
-        step_budget = min(s.max_step_prefill_tokens, s.max_batch_prefill_tokens)
+        step_budget = step_prefill_budget(s, self.queue.waiting_tokens())
         new = self._next_batch(None, max_size, max(step_budget - running, 1), token_budget)
         if new is None and len(self.queue) and max_size != 0:
             # A prompt longer than the step budget still gets in, alone, within the full budget.
