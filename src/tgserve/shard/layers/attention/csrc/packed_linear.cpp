@@ -96,7 +96,9 @@ void micro_tail(const Problem& p, int64_t m0, int64_t rows, int64_t panel) {
 
 void run(const Problem& p) {
   const int64_t panels = (p.n + kPanel - 1) / kPanel;
-  const int64_t chunks = (p.m + kChunk - 1) / kChunk;
+  // Chunks of equal height: 195 rows (a prompt and a decode batch) as 98 + 97, not 192 + 3,
+  // whose second pass over W would stream all of it from memory for 3 rows.
+  const int64_t chunks = (p.m + kChunk - 1) / kChunk, chunk = (p.m + chunks - 1) / chunks;
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), panels));
   // Tasks of a few consecutive panels, about 8 per thread, taken first come first served: on two
   // cores the router and the clients preempt one of the threads now and then, and with a fixed
@@ -108,7 +110,7 @@ void run(const Problem& p) {
   at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
     for (int64_t task = next.fetch_add(1, std::memory_order_relaxed); task < tasks;
          task = next.fetch_add(1, std::memory_order_relaxed)) {
-      const int64_t c0 = (task / groups) * kChunk, c1 = std::min(p.m, c0 + kChunk);
+      const int64_t c0 = (task / groups) * chunk, c1 = std::min(p.m, c0 + chunk);
       const int64_t p0 = (task % groups) * per_task, p1 = std::min(panels, p0 + per_task);
       // Tiles of equal height (16 rows: 8 + 8, not 12 + 4): a short last tile would re-read the
       // panel for few FMAs per weight load.
