@@ -46,9 +46,9 @@ def test_matches_f_linear_for_every_batch_size(k: int, with_bias: bool) -> None:
         weight = torch.randn(n, k, generator=gen)
         bias = torch.randn(n, generator=gen) if with_bias else None
         packed_weight = cpu_kernels.pack_linear_weight(weight)
-        # Every row tail of the micro-kernel (up to 12 rows per tile), decode batches, and
-        # prefill sizes past one 192-row chunk of x.
-        for m in (*range(1, 14), 16, 25, 64, 191, 192, 193, 400):
+        # Every tile height of the micro-kernel (1 to 28 rows, each as a single tile), two and
+        # three tiles, decode batches, and prefill sizes past one 192-row chunk of x.
+        for m in (*range(1, 30), 57, 64, 191, 192, 193, 400):
             x = torch.randn(m, k, generator=gen)
             got = cpu_kernels.packed_linear(x, packed_weight, n, bias)
             assert got.shape == (m, n)

@@ -2,14 +2,23 @@
 //
 // Packed layout: panel p holds W[p·kPanel : (p+1)·kPanel, :] transposed, [K][kPanel], so the
 // kPanel weights of one k are contiguous. The micro-kernel keeps an MR x kPanel block of y in
-// registers and, for each k, loads kPanel weights (two vectors) and broadcasts MR scalars of x:
-// 2·MR FMAs per 2 + MR loads and no horizontal sums, which is what lets a decode batch of 16-64
-// rows (and a prefill) run near the FMA peak, where a dot-product kernel over W's rows cannot.
-// At one row the same loop is a single linear stream through W: bound by memory bandwidth.
+// registers and, for each k, loads the panel's kPanel weights and broadcasts MR scalars of x:
+// MR FMAs per weight vector loaded and no horizontal sums, which is what lets a decode batch of
+// 16-64 rows (and a prefill) run near the FMA peak, where a dot-product kernel over W's rows
+// cannot. At one row the same loop is a single linear stream through W: bound by memory bandwidth.
+//
+// With AVX-512 a panel is one vector wide and a tile up to 28 rows tall (28 accumulators of the
+// 32 registers): a decode batch of 16-28 rows then meets each weight once, as it streams in from
+// memory. Two vectors by 12 rows, the shape before, split 16 rows into two passes over every
+// panel, the first stalled on memory and the second on FMAs, and ran the b16 step ~1.5x slower.
+// AVX2 has 16 registers: panels of two vectors by up to 6 rows.
+//
+// x is repacked per call into tiles laid out [K][rows], so that a tile's MR scalars of one k are
+// contiguous: the kernel addresses them from one pointer, where MR row pointers would not fit in
+// the general registers and were spilled to the stack.
 //
 // W is read from memory once per call per chunk of kChunk rows of x (which stays in L2 while
 // every panel meets it); threads take runs of panels as they come free (see run()).
-// Vector width follows the ISA the file is compiled for: 16 floats with AVX-512, 8 otherwise.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -21,6 +30,7 @@
 #include <algorithm>
 #include <atomic>
 #include <optional>
+#include <vector>
 
 #include "kernels.h"
 #include "simd.h"
@@ -32,19 +42,20 @@ using tgserve_simd::load;
 using tgserve_simd::store;
 using vec = tgserve_simd::vec;
 #if defined(__AVX512F__)
-constexpr int kMaxMR = 12;  // 24 accumulators + 2 weight vectors of the 32 registers
+constexpr int kVecs = 1;    // vectors per panel
+constexpr int kMaxMR = 28;  // 28 accumulators + the weight vector of the 32 registers
 #else
+constexpr int kVecs = 2;
 constexpr int kMaxMR = 6;  // 12 accumulators + 2 weight vectors + 1 broadcast of the 16
 #endif
-constexpr int64_t kPanel = 2 * kLanes;
+constexpr int64_t kPanel = kVecs * kLanes;
 // Rows of x per pass over the weight: x's chunk stays in L2 for every panel.
 constexpr int64_t kChunk = 192;
-// Prefetch distance in the panel stream, in k steps (kPanel floats each): about 4-8 KiB ahead.
-constexpr int64_t kAhead = 48;
+// Prefetch distance in the panel stream, in k steps: about 6 KiB ahead.
+constexpr int64_t kAhead = 6144 / (kPanel * 4);
 
 struct Problem {
-  const float* x;     // [M, K], row stride ldx
-  int64_t ldx;
+  const float* x;     // tiles of x: the tile of rows [m0, m0 + MR) is [K][MR] at x + m0 * k
   const float* w;     // [panels, K, kPanel]
   const float* bias;  // [N] or null
   float* y;           // [M, N] contiguous
@@ -56,33 +67,40 @@ template <int MR>
 void micro(const Problem& p, int64_t m0, int64_t panel) {
   const int64_t k = p.k;
   const float* w = p.w + panel * k * kPanel;
-  const float* x = p.x + m0 * p.ldx;
-  vec acc0[MR], acc1[MR];
-  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = vec{};
-  for (int64_t t = 0; t < k; ++t) {
+  const float* x = p.x + m0 * k;
+  // Separate arrays per vector of the panel, fully unrolled: GCC keeps them in registers, which
+  // it did not for a two-dimensional array.
+  vec acc0[MR], acc1[kVecs > 1 ? MR : 1];
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i) acc0[i] = vec{};
+  if constexpr (kVecs > 1) {
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i) acc1[i] = vec{};
+  }
+  for (int64_t t = 0; t < k; ++t, x += MR) {
     __builtin_prefetch(w + (t + kAhead) * kPanel);
-    const vec w0 = load(w + t * kPanel), w1 = load(w + t * kPanel + kLanes);
-    for (int i = 0; i < MR; ++i) {
-      const float xv = x[i * p.ldx + t];
-      acc0[i] += w0 * xv;
-      acc1[i] += w1 * xv;
+    const vec w0 = load(w + t * kPanel);
+    if constexpr (kVecs > 1) {
+      const vec w1 = load(w + t * kPanel + kLanes);
+#pragma GCC unroll 32
+      for (int i = 0; i < MR; ++i) {
+        acc0[i] += w0 * x[i];
+        acc1[i] += w1 * x[i];
+      }
+    } else {
+#pragma GCC unroll 32
+      for (int i = 0; i < MR; ++i) acc0[i] += w0 * x[i];
     }
   }
   const int64_t col = panel * kPanel, width = std::min(kPanel, p.n - col);
   float bias[kPanel] = {};
   if (p.bias != nullptr) std::copy(p.bias + col, p.bias + col + width, bias);
-  const vec b0 = load(bias), b1 = load(bias + kLanes);
+#pragma GCC unroll 32
   for (int i = 0; i < MR; ++i) {
-    float* y = p.y + (m0 + i) * p.n + col;
-    if (width == kPanel) {
-      store(y, acc0[i] + b0);
-      store(y + kLanes, acc1[i] + b1);
-    } else {  // the last panel of an N that is not a multiple of kPanel
-      float row[kPanel];
-      store(row, acc0[i] + b0);
-      store(row + kLanes, acc1[i] + b1);
-      std::copy(row, row + width, y);
-    }
+    float row[kPanel];
+    store(row, acc0[i] + load(bias));
+    if constexpr (kVecs > 1) store(row + kLanes, acc1[i] + load(bias + kLanes));
+    std::copy(row, row + width, p.y + (m0 + i) * p.n + col);
   }
 }
 
@@ -94,36 +112,65 @@ void micro_tail(const Problem& p, int64_t m0, int64_t rows, int64_t panel) {
   micro<MR>(p, m0, panel);
 }
 
-void run(const Problem& p) {
+struct Tile {
+  int64_t m0, rows;
+};
+
+// Chunks of equal height, each cut into tiles of equal height. Equal chunks: 195 rows (a prompt
+// and a decode batch) as 98 + 97, not 192 + 3, whose second pass over W would stream all of it
+// from memory for 3 rows. Equal tiles: 30 rows as 15 + 15, not 28 + 2, whose short tile would
+// re-read the panel for few FMAs per weight load.
+std::vector<std::vector<Tile>> tiling(int64_t m) {
+  const int64_t chunks = (m + kChunk - 1) / kChunk, chunk = (m + chunks - 1) / chunks;
+  std::vector<std::vector<Tile>> out;
+  for (int64_t c0 = 0; c0 < m; c0 += chunk) {
+    const int64_t height = std::min(m, c0 + chunk) - c0, tiles = (height + kMaxMR - 1) / kMaxMR;
+    const int64_t base = height / tiles, taller = height % tiles;
+    std::vector<Tile>& row = out.emplace_back();
+    for (int64_t tile = 0, m0 = c0; tile < tiles; ++tile) {
+      row.push_back({m0, base + (tile < taller ? 1 : 0)});
+      m0 += row.back().rows;
+    }
+  }
+  return out;
+}
+
+// x [M, K] (row stride ldx) into the tiles' [K][rows] layout, in parallel over (tile, run of k).
+void pack_x(const float* x, int64_t ldx, int64_t k, const std::vector<std::vector<Tile>>& chunks,
+            float* out) {
+  std::vector<Tile> tiles;
+  for (const auto& chunk : chunks) tiles.insert(tiles.end(), chunk.begin(), chunk.end());
+  constexpr int64_t kRun = 128;
+  const int64_t runs = (k + kRun - 1) / kRun;
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()) * runs, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const Tile& tile = tiles[u / runs];
+      const int64_t t0 = (u % runs) * kRun, t1 = std::min(k, t0 + kRun);
+      float* dst = out + tile.m0 * k;
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t i = 0; i < tile.rows; ++i) dst[t * tile.rows + i] = x[(tile.m0 + i) * ldx + t];
+    }
+  });
+}
+
+void run(const Problem& p, const std::vector<std::vector<Tile>>& chunks) {
   const int64_t panels = (p.n + kPanel - 1) / kPanel;
-  // Chunks of equal height: 195 rows (a prompt and a decode batch) as 98 + 97, not 192 + 3,
-  // whose second pass over W would stream all of it from memory for 3 rows.
-  const int64_t chunks = (p.m + kChunk - 1) / kChunk, chunk = (p.m + chunks - 1) / chunks;
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), panels));
   // Tasks of a few consecutive panels, about 8 per thread, taken first come first served: on two
   // cores the router and the clients preempt one of the threads now and then, and with a fixed
   // split the other would then wait at the end of every op. Runs of panels keep each task a
   // linear stream through W; chunk-major order keeps the threads on the same rows of x (in L2).
   const int64_t per_task = std::max<int64_t>(1, panels / (8 * threads));
-  const int64_t groups = (panels + per_task - 1) / per_task, tasks = chunks * groups;
+  const int64_t groups = (panels + per_task - 1) / per_task;
+  const int64_t tasks = static_cast<int64_t>(chunks.size()) * groups;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
     for (int64_t task = next.fetch_add(1, std::memory_order_relaxed); task < tasks;
          task = next.fetch_add(1, std::memory_order_relaxed)) {
-      const int64_t c0 = (task / groups) * chunk, c1 = std::min(p.m, c0 + chunk);
+      const std::vector<Tile>& tiles = chunks[task / groups];
       const int64_t p0 = (task % groups) * per_task, p1 = std::min(panels, p0 + per_task);
-      // Tiles of equal height (16 rows: 8 + 8, not 12 + 4): a short last tile would re-read the
-      // panel for few FMAs per weight load.
-      const int64_t tiles = (c1 - c0 + kMaxMR - 1) / kMaxMR;
-      const int64_t base = (c1 - c0) / tiles, taller = (c1 - c0) % tiles;
-      for (int64_t panel = p0; panel < p1; ++panel) {
-        int64_t m0 = c0;
-        for (int64_t tile = 0; tile < tiles; ++tile) {
-          const int64_t rows = base + (tile < taller ? 1 : 0);
-          micro_tail<kMaxMR>(p, m0, rows, panel);
-          m0 += rows;
-        }
-      }
+      for (int64_t panel = p0; panel < p1; ++panel)
+        for (const Tile& tile : tiles) micro_tail<kMaxMR>(p, tile.m0, tile.rows, panel);
     }
   });
 }
@@ -177,9 +224,18 @@ at::Tensor packed_linear(const at::Tensor& x_in, const at::Tensor& packed, int64
   const int64_t m = x.size(0), k = x.size(1);
   at::Tensor y = at::empty({m, n}, x.options());
   if (m == 0) return y;
-  const Problem p{x.data_ptr<float>(), m > 1 ? x.stride(0) : k, packed.data_ptr<float>(),
-                  b.has_value() ? b->data_ptr<float>() : nullptr, y.data_ptr<float>(), m, n, k};
-  run(p);
+  const auto chunks = tiling(m);
+  // One row is its own [K][1] tile: a decode step at batch 1 skips the copy.
+  at::Tensor tiles;
+  const float* xt = x.data_ptr<float>();
+  if (m > 1) {
+    tiles = at::empty({m, k}, x.options());
+    pack_x(xt, x.stride(0), k, chunks, tiles.data_ptr<float>());
+    xt = tiles.data_ptr<float>();
+  }
+  const Problem p{xt, packed.data_ptr<float>(), b.has_value() ? b->data_ptr<float>() : nullptr,
+                  y.data_ptr<float>(), m, n, k};
+  run(p, chunks);
   return y;
 }
 
