@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,12 +80,45 @@ def cached_batch_pb(batch: Batch | None) -> pb.CachedBatch | None:
                           max_tokens=batch.max_tokens, current_tokens=batch.current_tokens)
 
 
+async def run_in_own_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) on a new thread that has exited by the time this returns.
+
+    Not asyncio.to_thread: the executor's thread would live on, and so would the OpenMP thread
+    team that torch's first parallel op there gave it. libgomp counts every team's threads, and
+    once they outnumber the cores it stops spinning between parallel regions: each of the ~150
+    regions of a decode step then waits on a futex to wake the other thread. Measured at batch 16:
+    a 37 ms decode step took 50-60 ms with a finished warmup's thread kept alive.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not done.cancelled():
+            done.set_exception(error) if error is not None else done.set_result(result)
+
+    def target() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as e:  # handed to the awaiting coroutine, raised there
+            loop.call_soon_threadsafe(settle, None, e)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    thread = threading.Thread(target=target, name="tgserve-warmup", daemon=True)
+    thread.start()
+    result = await done
+    # Settling was the thread's last act: the join is immediate, and makes sure its OpenMP team
+    # is gone too (libgomp frees it on the thread's way out) before the next step runs.
+    thread.join()
+    return result
+
+
 class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
     """Steps run one at a time on the event loop's own thread, as TGI's shards run them: handing
     each step to a worker thread made every torch op of it hand the GIL back and forth with the
-    loop (measured at batch 1: a 35 ms decode step took 39 ms that way). Health and Info wait for
-    the step in progress, at most one step. Only Warmup, which takes tens of seconds, runs in a
-    worker thread, so that Health answers while the shard warms up."""
+    loop. Health and Info wait for the step in progress, at most one step. Only Warmup, which
+    takes tens of seconds, runs on a thread of its own (run_in_own_thread), so that Health answers
+    while the shard warms up."""
 
     def __init__(self, generator: Generator, settings: ShardSettings, tracer: Any = None) -> None:
         self.generator = generator
@@ -120,7 +154,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             try:
                 if not in_thread:
                     return fn(*args)
-                return await asyncio.to_thread(fn, *args)
+                return await run_in_own_thread(fn, *args)
             except ShardError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             except Exception as e:  # the router gets the message; the shard lives on
