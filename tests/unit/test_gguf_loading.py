@@ -168,3 +168,58 @@ def test_default_model_q_k_rows_are_in_rotate_half_order(
         assert ours + 0.5 < scrambled
     layer0 = reference.model.layers[0].self_attn.q_proj.weight
     assert torch.equal(layer0, tensors["model.layers.0.self_attn.q_proj.weight"])
+
+
+# Run in a fresh interpreter: what a shard holds after loading a GGUF or a safetensors folder.
+LOAD_AND_REPORT = """
+import json, sys
+from pathlib import Path
+import torch
+from tgserve.shard.loading.loaders import load_model
+folder, gguf = Path(sys.argv[1]), (Path(sys.argv[2]) if sys.argv[2] else None)
+model = load_model(folder, torch.device("cpu"), "float32", gguf_file=gguf)
+maps = open("/proc/self/maps").read()
+print(json.dumps({
+    "modules": sorted(m for m in ("transformers.modeling_gguf_pytorch_utils",
+                                  "transformers.models.llama.modeling_llama") if m in sys.modules),
+    "mapped": sorted({line.split()[-1] for line in maps.splitlines()
+                      if ".safetensors" in line or ".gguf" in line}),
+    "left": sorted(p.name for p in folder.iterdir()),
+}))
+"""
+
+
+def _load_in_fresh_process(folder: Path, gguf: Path | None) -> dict[str, list[str]]:
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_REPORT, str(folder), str(gguf or "")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+def test_gguf_is_dequantized_in_a_child_process_that_leaves_nothing_behind(tmp_path: Path) -> None:
+    """The shard keeps neither transformers' GGUF and modeling code (~45 MB resident) nor the
+    dequantized file, which is deleted once the weights are in the model."""
+    config, _ = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    folder = tmp_path / "sidecar"
+    config.save_pretrained(folder)
+    before = sorted(p.name for p in folder.iterdir())
+    report = _load_in_fresh_process(folder, tmp_path / "tiny.gguf")
+    assert report == {"modules": [], "mapped": [], "left": before}
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+def test_safetensors_are_not_left_mapped_after_loading(tmp_path: Path) -> None:
+    """safetensors hands out views of its memory map; a weight kept as such a view (here the
+    norms, which are not repacked) would keep the file mapped and its pages resident."""
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
+    report = _load_in_fresh_process(tmp_path / "m", None)
+    assert report["mapped"] == []

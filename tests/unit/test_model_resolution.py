@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from tgserve.launcher import default_model, weights
-from tgserve.launcher.isolated import in_child_process
+from tgserve.isolated import ChildStepError, in_child_process
 from tgserve.launcher.pickle_conversion import convert_bin_to_safetensors
 from tgserve.launcher.weights import (
     ModelResolutionError,
@@ -435,3 +435,19 @@ def test_launcher_builds_a_gguf_sidecar_without_keeping_torch(tmp_path: Path) ->
     assert _heavy_modules_after_resolving("", tmp_path / "tg") == "[]"
     (folder,) = (tmp_path / "tg" / "gguf").iterdir()
     assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+
+
+def test_in_child_process_from_a_script_without_a_main_guard(tmp_path: Path) -> None:
+    """multiprocessing's spawn would re-run such a script in the child and fail."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import os\nfrom tgserve.isolated import in_child_process\n"
+        "print(in_child_process(os.getpid) != os.getpid())\n"
+    )
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert (run.returncode, run.stdout.strip()) == (0, "True"), run.stderr[-2000:]
+
+
+def test_in_child_process_reports_a_child_that_dies() -> None:
+    with pytest.raises(ChildStepError, match="exited with status 3"):
+        in_child_process(os._exit, 3)

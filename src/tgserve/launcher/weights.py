@@ -17,7 +17,7 @@ from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
 from tgserve import env
 from tgserve.launcher.default_model import DEFAULT_MODEL_ID, default_model_path
-from tgserve.launcher.isolated import in_child_process
+from tgserve.isolated import in_child_process
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from tgserve.shard.batch import Batch, RequestState
 from tgserve.shard.detokenize import IncrementalDetokenizer
 from tgserve.shard.generation import GeneratedText, Generation, StepTimings, Tokens
 from tgserve.shard.kv_cache import KVCache
-from tgserve.shard.memory import release_free_memory
+from tgserve.memory import release_free_memory
 from tgserve.shard.models.base import CausalLM
 from tgserve.shard.runner import ForwardInputs, prepare_decode, prepare_forward
 from tgserve.shard.sampling.chooser import NextTokenChooser

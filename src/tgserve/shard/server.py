@@ -19,7 +19,7 @@ from tgserve.pb import generate_pb2_grpc as pb_grpc
 from tgserve.router.tracing import setup_tracing
 from tgserve.shard.generator import Generator
 from tgserve.shard.loading.loaders import load_model
-from tgserve.shard.memory import release_free_memory
+from tgserve.memory import release_free_memory
 from tgserve.shard.service import ShardSettings, TextGenerationService
 
 log = logging.getLogger("tgserve.shard")

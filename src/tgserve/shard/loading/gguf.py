@@ -6,12 +6,30 @@ import inspect
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig
-from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 log = logging.getLogger(__name__)
+
+
+def dequantize_to_file(
+    gguf_file: Path, config_folder: Path, dtype: torch.dtype, out: Path
+) -> None:
+    """`load_gguf_tensors` into a safetensors file, for a child process to run.
+
+    The dequantization imports transformers' modeling code (~45 MB that stays resident) and peaks
+    at twice the model's size; in a child process neither outlives the load, and the shard reads
+    the result like any checkpoint.
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(config_folder))
+    save_file(load_gguf_tensors(gguf_file, config, dtype), str(out))
 
 
 def load_gguf_tensors(
@@ -24,6 +42,9 @@ def load_gguf_tensors(
     llama, which llama.cpp applies for its interleaved RoPE). A tied lm_head is not in the file, so
     it is absent here too.
     """
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
     start = time.perf_counter()
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)

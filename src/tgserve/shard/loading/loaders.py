@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from tgserve.isolated import in_child_process
+from tgserve.shard.loading.gguf import dequantize_to_file
 from tgserve.shard.loading.weights import Weights, safetensors_files
 from tgserve.shard.models.base import CausalLM
 from tgserve.shard.models.registry import model_class
@@ -48,16 +53,19 @@ def load_model(
     cls = model_class(config)  # fail on an unsupported architecture before reading any weight
     torch_dtype = resolve_dtype(dtype, config, device)
     start = time.perf_counter()
-    if gguf_file is not None:
-        from tgserve.shard.loading.gguf import load_gguf_tensors
-
-        source: object = load_gguf_tensors(gguf_file, config, torch_dtype)
-    else:
-        _refuse_pickle(path)
-        source = safetensors_files(path)
-    weights = Weights(source, torch_dtype, device, rank, world_size)  # type: ignore[arg-type]
-    with torch.inference_mode():
-        model = cls(config, weights, attention=attention)  # type: ignore[call-arg]
+    with contextlib.ExitStack() as scratch:
+        if gguf_file is not None:
+            folder = Path(scratch.enter_context(tempfile.TemporaryDirectory(
+                prefix=".dequantized-", dir=path if os.access(path, os.W_OK) else None)))
+            in_child_process(dequantize_to_file, gguf_file, path, torch_dtype, folder / "w.safetensors")
+            files = [folder / "w.safetensors"]
+        else:
+            _refuse_pickle(path)
+            files = safetensors_files(path)
+        weights = Weights(files, torch_dtype, device, rank, world_size)
+        with torch.inference_mode():
+            model = cls(config, weights, attention=attention)  # type: ignore[call-arg]
+        weights.close()
     log.info("loaded %s (%s) in %.1fs", config.model_type, torch_dtype, time.perf_counter() - start)
     return model
 

@@ -58,6 +58,11 @@ class Weights:
                             raise WeightsError(f"tensor {name} is in both {self._routing[name]} and {path}")
                         self._routing[name] = path
 
+    def close(self) -> None:
+        """Drop the memory maps once the model holds its own copies (their pages count as resident
+        memory for as long as they are mapped)."""
+        self._handles.clear()
+
     def names(self) -> list[str]:
         return list(self._tensors.keys()) if self._tensors is not None else list(self._routing)
 
@@ -79,9 +84,15 @@ class Weights:
         return self._handle(self._routing[name]).get_slice(name)
 
     def _finish(self, tensor: torch.Tensor) -> torch.Tensor:
+        read = tensor
         if tensor.is_floating_point():
             tensor = tensor.to(self.dtype)
-        return tensor.to(self.device).contiguous()
+        tensor = tensor.to(self.device).contiguous()
+        if self._tensors is None and tensor.untyped_storage().data_ptr() == read.untyped_storage().data_ptr():
+            # safetensors hands out views of its memory map: a tensor kept as read would keep the
+            # whole file mapped, and every page it ever touched resident.
+            tensor = tensor.clone()
+        return tensor
 
     def get_tensor(self, name: str) -> torch.Tensor:
         item = self._slice(name)

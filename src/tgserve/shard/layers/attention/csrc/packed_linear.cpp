@@ -14,6 +14,12 @@
 // coming from DRAM: 70-98 GFLOP/s then, 123-140 now).
 // AVX2 has 16 registers: panels of two vectors by up to 6 rows.
 //
+// From kWideMinRows rows up (a prefill), where each weight is re-read from L2 by many tiles and
+// the FMAs, not the weight stream, set the pace, AVX-512 tiles are 14 rows by two panels: per k
+// one broadcast of x feeds two FMAs, 16 loads for 28 FMAs instead of 29, which left the load
+// ports, not the FMA units, the bottleneck (576 x 3072 at 512-2048 rows, weights in cache:
+// 207-230 GFLOP/s with 28 x 1, against 270-290 for MKL's sgemm on the same machine).
+//
 // x is repacked per call into tiles laid out [K][rows], so that a tile's MR scalars of one k are
 // contiguous: the kernel addresses them from one pointer, where MR row pointers would not fit in
 // the general registers and were spilled to the stack.
@@ -45,9 +51,13 @@ using vec = tgserve_simd::vec;
 #if defined(__AVX512F__)
 constexpr int kVecs = 1;    // vectors per panel
 constexpr int kMaxMR = 28;  // 28 accumulators + the weight vector of the 32 registers
+constexpr int kWideMR = 14;  // two panels: 28 accumulators + 2 weight vectors + 1 broadcast
+constexpr int64_t kWideMinRows = 29;
 #else
 constexpr int kVecs = 2;
 constexpr int kMaxMR = 6;  // 12 accumulators + 2 weight vectors + 1 broadcast of the 16
+constexpr int kWideMR = 0;  // panels are two vectors wide already
+constexpr int64_t kWideMinRows = INT64_MAX;
 #endif
 constexpr int64_t kPanel = kVecs * kLanes;
 // Rows of x per pass over the weight: x's chunk stays in L2 for every panel.
@@ -113,6 +123,48 @@ void micro_tail(const Problem& p, int64_t m0, int64_t rows, int64_t panel) {
   micro<MR>(p, m0, panel);
 }
 
+// Rows [m0, m0 + MR) of y, columns of panels p and p + 1 (both exist), one-vector panels only.
+template <int MR>
+void micro_wide(const Problem& p, int64_t m0, int64_t panel) {
+  const int64_t k = p.k;
+  const float* w0 = p.w + panel * k * kPanel;
+  const float* w1 = w0 + k * kPanel;
+  const float* x = p.x + m0 * k;
+  vec acc0[MR], acc1[MR];
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = vec{};
+  for (int64_t t = 0; t < k; ++t, x += MR) {
+    __builtin_prefetch(w0 + (t + kAhead) * kPanel);
+    __builtin_prefetch(w1 + (t + kAhead) * kPanel);
+    const vec a = load(w0 + t * kPanel), b = load(w1 + t * kPanel);
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i) {
+      const float xi = x[i];
+      acc0[i] += a * xi;
+      acc1[i] += b * xi;
+    }
+  }
+  const int64_t col = panel * kPanel, width = std::min(kPanel, p.n - col - kPanel);
+  float bias[2 * kPanel] = {};
+  if (p.bias != nullptr) std::copy(p.bias + col, p.bias + col + kPanel + width, bias);
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i) {
+    float* out = p.y + (m0 + i) * p.n + col;
+    store(out, acc0[i] + load(bias));
+    float row[kPanel];
+    store(row, acc1[i] + load(bias + kPanel));
+    std::copy(row, row + width, out + kPanel);
+  }
+}
+
+template <int MR>
+void micro_wide_tail(const Problem& p, int64_t m0, int64_t rows, int64_t panel) {
+  if constexpr (MR > 1) {
+    if (rows < MR) return micro_wide_tail<MR - 1>(p, m0, rows, panel);
+  }
+  if constexpr (MR > 0) micro_wide<MR>(p, m0, panel);
+}
+
 struct Tile {
   int64_t m0, rows;
 };
@@ -121,11 +173,11 @@ struct Tile {
 // and a decode batch) as 98 + 97, not 192 + 3, whose second pass over W would stream all of it
 // from memory for 3 rows. Equal tiles: 30 rows as 15 + 15, not 28 + 2, whose short tile would
 // re-read the panel for few FMAs per weight load.
-std::vector<std::vector<Tile>> tiling(int64_t m) {
+std::vector<std::vector<Tile>> tiling(int64_t m, int64_t max_rows) {
   const int64_t chunks = (m + kChunk - 1) / kChunk, chunk = (m + chunks - 1) / chunks;
   std::vector<std::vector<Tile>> out;
   for (int64_t c0 = 0; c0 < m; c0 += chunk) {
-    const int64_t height = std::min(m, c0 + chunk) - c0, tiles = (height + kMaxMR - 1) / kMaxMR;
+    const int64_t height = std::min(m, c0 + chunk) - c0, tiles = (height + max_rows - 1) / max_rows;
     const int64_t base = height / tiles, taller = height % tiles;
     std::vector<Tile>& row = out.emplace_back();
     for (int64_t tile = 0, m0 = c0; tile < tiles; ++tile) {
@@ -154,24 +206,33 @@ void pack_x(const float* x, int64_t ldx, int64_t k, const std::vector<std::vecto
   });
 }
 
-void run(const Problem& p, const std::vector<std::vector<Tile>>& chunks) {
-  const int64_t panels = (p.n + kPanel - 1) / kPanel;
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), panels));
+// `wide`: tiles of at most kWideMR rows, run over pairs of panels (a last odd panel alone).
+void run(const Problem& p, const std::vector<std::vector<Tile>>& chunks, bool wide) {
+  const int64_t panels = (p.n + kPanel - 1) / kPanel, step = wide ? 2 : 1;
+  const int64_t blocks = (panels + step - 1) / step;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
   // Tasks of a few consecutive panels, about 8 per thread, taken first come first served: on two
   // cores the router and the clients preempt one of the threads now and then, and with a fixed
   // split the other would then wait at the end of every op. Runs of panels keep each task a
   // linear stream through W; chunk-major order keeps the threads on the same rows of x (in L2).
-  const int64_t per_task = std::max<int64_t>(1, panels / (8 * threads));
-  const int64_t groups = (panels + per_task - 1) / per_task;
+  const int64_t per_task = std::max<int64_t>(1, blocks / (8 * threads));
+  const int64_t groups = (blocks + per_task - 1) / per_task;
   const int64_t tasks = static_cast<int64_t>(chunks.size()) * groups;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
     for (int64_t task = next.fetch_add(1, std::memory_order_relaxed); task < tasks;
          task = next.fetch_add(1, std::memory_order_relaxed)) {
       const std::vector<Tile>& tiles = chunks[task / groups];
-      const int64_t p0 = (task % groups) * per_task, p1 = std::min(panels, p0 + per_task);
-      for (int64_t panel = p0; panel < p1; ++panel)
-        for (const Tile& tile : tiles) micro_tail<kMaxMR>(p, tile.m0, tile.rows, panel);
+      const int64_t b0 = (task % groups) * per_task, b1 = std::min(blocks, b0 + per_task);
+      for (int64_t block = b0; block < b1; ++block) {
+        const int64_t panel = block * step;
+        for (const Tile& tile : tiles) {
+          if (wide && panel + 1 < panels)
+            micro_wide_tail<kWideMR>(p, tile.m0, tile.rows, panel);
+          else
+            micro_tail<kMaxMR>(p, tile.m0, tile.rows, panel);
+        }
+      }
     }
   });
 }
@@ -225,7 +286,8 @@ at::Tensor packed_linear(const at::Tensor& x_in, const at::Tensor& packed, int64
   const int64_t m = x.size(0), k = x.size(1);
   at::Tensor y = at::empty({m, n}, x.options());
   if (m == 0) return y;
-  const auto chunks = tiling(m);
+  const bool wide = m >= kWideMinRows;
+  const auto chunks = tiling(m, wide ? kWideMR : kMaxMR);
   // One row is its own [K][1] tile: a decode step at batch 1 skips the copy.
   at::Tensor tiles;
   const float* xt = x.data_ptr<float>();
@@ -236,7 +298,7 @@ at::Tensor packed_linear(const at::Tensor& x_in, const at::Tensor& packed, int64
   }
   const Problem p{xt, packed.data_ptr<float>(), b.has_value() ? b->data_ptr<float>() : nullptr,
                   y.data_ptr<float>(), m, n, k};
-  run(p, chunks);
+  run(p, chunks, wide);
   return y;
 }
 

@@ -1,4 +1,4 @@
-"""Gives memory the shard no longer uses back to the OS, so resident memory matches what it holds."""
+"""Gives memory a process no longer uses back to the OS, so resident memory matches what it holds."""
 
 from __future__ import annotations
 
@@ -22,9 +22,15 @@ def _libc() -> ctypes.CDLL | None:
 
 
 def release_free_memory() -> None:
-    """After loading (GGUF dequantization, safetensors reads) and warmup (the largest activations),
-    glibc keeps hundreds of MB of freed heap mapped; malloc_trim returns it. A no-op elsewhere."""
+    """After loading (a shard's weights, a tokenizer's JSON) and warmup (the largest activations),
+    glibc keeps tens to hundreds of MB of freed heap mapped; malloc_trim returns it. A no-op
+    elsewhere."""
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """malloc_trim alone: tens of microseconds when little is free, so it fits between steps."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
