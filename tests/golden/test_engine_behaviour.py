@@ -119,3 +119,26 @@ def test_request_without_enough_slots_is_refused(llama) -> None:  # type: ignore
     short = type(req)(**{**req.__dict__, "slots": req.slots[:5]})
     with pytest.raises(ShardError, match="KV slots"):
         h.add([short])
+
+
+@pytest.mark.parametrize("release", [True, False])
+def test_finished_requests_kv_pages_are_released_only_when_asked(llama, release: bool) -> None:  # type: ignore[no-untyped-def]
+    """Without a prefix cache the shard gives a finished request's KV pages back (they read as
+    zeros); the request still running keeps its KV, and its tokens match a run without release."""
+    def run(release_kv: bool) -> tuple[Harness, list[int], list[int]]:
+        h = Harness(llama, num_blocks=256)
+        h.generator.release_finished_kv = release_kv
+        short, long = h.request(1, prompt(1, 70), 3), h.request(2, prompt(2, 70), 40)
+        h.add([short, long])
+        h.run_to_end()
+        return h, short.slots, long.slots
+
+    h, short_slots, _ = run(release)
+    reference, _, _ = run(False)
+    kv = h.generator.kv_cache
+    assert kv is not None
+    # Only whole pages go back: the slots on pages the request shares with a neighbour stay.
+    zeroed = int(kv.keys[0][torch.tensor(short_slots)].abs().sum(dim=(1, 2)).eq(0).sum())
+    assert (zeroed >= 32) if release else (zeroed == 0)
+    assert h.outputs[2].ids == reference.outputs[2].ids
+    assert h.outputs[1].ids == reference.outputs[1].ids

@@ -44,3 +44,26 @@ def test_forget_zeroes_the_cache_and_returns_its_pages() -> None:
     assert cache.keys[3].eq(0).all() and cache.values[7].eq(0).all()
     cache.write(0, slots[:2], torch.full((2, 4, 64), 3.0), torch.full((2, 4, 64), 4.0))
     assert cache.keys[0][:2].eq(3).all() and cache.values[0][:2].eq(4).all()
+
+
+def test_release_returns_one_requests_pages_and_keeps_the_others() -> None:
+    cache = KVCache.allocate(8, 2048, 16, 4, 64, torch.float32, torch.device("cpu"))
+    # Two requests' blocks interleaved, as a free list hands them out: even blocks and odd ones.
+    finished = [b * 16 + i for b in range(0, 1024, 2) for i in range(16)]
+    running = [b * 16 + i for b in range(1, 1024, 2) for i in range(16)]
+    for layer in range(8):
+        cache.write(layer, torch.tensor(finished), torch.ones(8192, 4, 64), torch.ones(8192, 4, 64))
+        cache.write(layer, torch.tensor(running), torch.full((8192, 4, 64), 2.0),
+                    torch.full((8192, 4, 64), 3.0))
+    filled = _rss_bytes()
+    cache.release(finished[:-5])  # the last block only partly: the page of its kept slots stays
+    # Released: 8 layers x (K and V) x 511 blocks x 16 slots x 1 KiB = ~128 MiB.
+    assert filled - _rss_bytes() > 100 * 2**20
+    for layer in (0, 7):
+        assert cache.keys[layer][finished[:-16]].eq(0).all()
+        assert cache.values[layer][finished[:-16]].eq(0).all()
+        assert cache.keys[layer][finished[-5:]].eq(1).all()  # never released
+        assert cache.values[layer][finished[-8:]].eq(1).all()  # on the same page as those
+        assert cache.keys[layer][running].eq(2).all() and cache.values[layer][running].eq(3).all()
+    cache.write(0, torch.tensor(finished[:2]), torch.full((2, 4, 64), 5.0), torch.ones(2, 4, 64))
+    assert cache.keys[0][finished[:2]].eq(5).all()

@@ -69,3 +69,53 @@ def test_prefill_hands_freed_heap_back() -> None:
     assert grown < 16, f"RSS grew by {grown:.1f} MiB across a prefill"
     for c in generator.kept:
         libc.free(c)
+
+
+MIB = 1 << 20
+
+
+def _retained_after_freeing_8_mib_buffers(libc: ctypes.CDLL) -> float:
+    """RSS growth after 8 buffers of 8 MiB are touched and freed below a live block: what the
+    heap keeps when such buffers come from it rather than from mappings of their own."""
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    big = libc.malloc(16 * MIB)  # freed mapped buffers raise glibc's threshold to their size
+    libc.free(big)
+    libc.malloc_trim(0)
+    before = rss_mib()
+    buffers = [libc.malloc(8 * MIB) for _ in range(8)]
+    for b in buffers:
+        ctypes.memset(b, 1, 8 * MIB)
+    live = libc.malloc(8 * MIB)  # as large: from the heap's top, so above the others
+    for b in buffers:
+        libc.free(b)
+    grown = rss_mib() - before
+    libc.free(live)
+    return grown
+
+
+def _in_fresh_process(code: str) -> str:
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout.strip()
+
+
+@pytest.mark.skipif(_libc() is None or not hasattr(_libc(), "mallopt"), reason="glibc's mallopt")
+def test_large_buffers_go_back_to_the_os_when_freed() -> None:
+    # Fresh processes: mallopt's setting lasts for the process; the control shows the heap
+    # keeping the buffers when the threshold is left to rise.
+    code = (
+        "import ctypes, ctypes.util\n"
+        "from tests.unit.test_shard_memory import _retained_after_freeing_8_mib_buffers as f\n"
+        "from tgserve.memory import serve_large_buffers_from_mmap\n"
+        "libc = ctypes.CDLL(ctypes.util.find_library('c'))\n"
+        "{setup}\n"
+        "print(round(f(libc)))\n"
+    )
+    kept_by_default = int(_in_fresh_process(code.format(setup="")))
+    kept_when_set = int(_in_fresh_process(code.format(setup="assert serve_large_buffers_from_mmap()")))
+    assert kept_by_default >= 48, "control: the heap should have kept the freed buffers"
+    assert kept_when_set < 8

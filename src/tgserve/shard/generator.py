@@ -52,8 +52,13 @@ class Generator:
         tokenizer,  # type: ignore[no-untyped-def]
         eos_token_ids: frozenset[int],
         block_size: int = 16,
+        release_finished_kv: bool = False,
     ) -> None:
         self.model = model
+        # Without a prefix cache nothing reads a finished request's blocks again: their pages can
+        # go back to the OS at once (the router hands the blocks out again only after it has seen
+        # the request finish, and writing them faults in fresh zero pages).
+        self.release_finished_kv = release_finished_kv
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.block_size = block_size
@@ -225,6 +230,8 @@ class Generator:
             generations.append(generation)
             if generation.generated_text is None:
                 live.append(r.id)
+            elif self.release_finished_kv and self.kv_cache is not None:
+                self.kv_cache.release(r.slots)
         next_batch: Batch | None = None
         if live:
             next_batch = batch.filter(live)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import mmap
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,24 @@ class KVCache:
         for t in (*self.keys, *self.values):
             t.zero_()
 
+    def release(self, slots: Sequence[int]) -> None:
+        """The pages that hold only `slots` (in every layer's K and V) back to the OS; they read
+        back as zeros. For a finished request whose blocks no prefix cache keeps: a CPU cache
+        otherwise stays as resident as the most it ever held, however few requests run now."""
+        if self.buffer is None or not slots:
+            return
+        slot_bytes = self.keys[0][0].nbytes
+        tensor_bytes = self.num_slots * slot_bytes
+        page = mmap.PAGESIZE
+        runs = _runs(sorted(slots))
+        for index in range(2 * len(self.keys)):  # [2, layers] tensors, one after the other
+            base = index * tensor_bytes
+            for first, stop in runs:
+                start = -(-(base + first * slot_bytes) // page) * page  # whole pages only
+                end = (base + stop * slot_bytes) // page * page
+                if end > start:
+                    self.buffer.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     @property
     def num_slots(self) -> int:
         return self.keys[0].shape[0] if self.keys else 0
@@ -66,6 +85,17 @@ class KVCache:
         """k, v: [T, kv_heads, head_dim] for the T slots given."""
         self.keys[layer].index_copy_(0, slots, k)
         self.values[layer].index_copy_(0, slots, v)
+
+
+def _runs(sorted_slots: list[int]) -> list[tuple[int, int]]:
+    """[first, stop) ranges of consecutive slots."""
+    runs: list[tuple[int, int]] = []
+    for slot in sorted_slots:
+        if runs and runs[-1][1] == slot:
+            runs[-1] = (runs[-1][0], slot + 1)
+        else:
+            runs.append((slot, slot + 1))
+    return runs
 
 
 def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, mmap.mmap | None]:

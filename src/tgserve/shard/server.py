@@ -15,11 +15,12 @@ import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer, GenerationConfig
 
+from tgserve.env import prefix_caching
+from tgserve.memory import release_free_memory, serve_large_buffers_from_mmap
 from tgserve.pb import generate_pb2_grpc as pb_grpc
 from tgserve.router.tracing import setup_tracing
 from tgserve.shard.generator import Generator
 from tgserve.shard.loading.loaders import load_model
-from tgserve.memory import release_free_memory
 from tgserve.shard.service import ShardSettings, TextGenerationService
 
 log = logging.getLogger("tgserve.shard")
@@ -108,6 +109,7 @@ def init_distributed(args: argparse.Namespace) -> torch.device:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    serve_large_buffers_from_mmap()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = init_distributed(args)
@@ -120,7 +122,8 @@ async def serve(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(args.model_path))
     release_free_memory()  # what loading freed (e.g. GGUF dequantization buffers): ~300 MB
     eos = eos_token_ids(args.model_path, tokenizer, model.config)
-    generator = Generator(model, tokenizer, eos, args.block_size)
+    generator = Generator(model, tokenizer, eos, args.block_size,
+                          release_finished_kv=not prefix_caching())
     urls = tuple(f"unix://{args.uds_path}-{r}" for r in range(args.world_size))
     settings = ShardSettings(
         model_type=model.config.model_type,
