@@ -688,3 +688,13 @@ def test_sse_keep_alive_while_the_source_is_silent() -> None:
     assert bodies[0] == b": keep-alive\n\n"
     assert bodies[-2:] == [b"data: {}\n\n", b""]
     assert set(bodies[:-2]) == {b": keep-alive\n\n"}
+
+
+def test_uvicorn_serves_http_with_httptools() -> None:
+    """h11, uvicorn's fallback, costs the router ~0.5 ms more CPU per streamed token."""
+    import uvicorn
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    config = uvicorn.Config(lambda scope, receive, send: None, lifespan="off")
+    config.load()
+    assert config.http_protocol_class is HttpToolsProtocol
