@@ -451,3 +451,23 @@ def test_in_child_process_from_a_script_without_a_main_guard(tmp_path: Path) -> 
 def test_in_child_process_reports_a_child_that_dies() -> None:
     with pytest.raises(ChildStepError, match="exited with status 3"):
         in_child_process(os._exit, 3)
+
+
+LAUNCHER_RESOLVES = """
+import sys
+from tgserve.launcher.args import parse
+from tgserve.launcher.supervisor import Supervisor
+source = Supervisor(parse(["--model-id", sys.argv[1]]))._resolve()
+assert source.path.name == "model", source
+print(sorted(m for m in ("huggingface_hub", "torch", "transformers") if m in sys.modules))
+"""
+
+
+def test_the_launcher_resolves_in_a_child_and_keeps_no_hub_client(tmp_path: Path) -> None:
+    """huggingface_hub would cost the launcher ~25 MB for the server's whole life."""
+    tiny_model(tmp_path / "model")
+    run = subprocess.run([sys.executable, "-c", LAUNCHER_RESOLVES, str(tmp_path / "model")],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "[]"

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from tgserve import env as environment
 from tgserve.launcher.processes import Child, python_command, remove_stale
-from tgserve.launcher.weights import ModelSource, resolve_model
+from tgserve.isolated import in_child_process
+from tgserve.launcher.source import ModelSource
 
 log = logging.getLogger("tgserve.launcher")
 
@@ -105,8 +106,9 @@ class Supervisor:
         hub_cache = Path(a.huggingface_hub_cache) if a.huggingface_hub_cache else None
         model_id = a.weights_cache_override or a.model_id
         try:
-            return resolve_model(model_id, a.revision, hub_cache, environment.cache_dir(),
-                                 allow_pickle_conversion=a.convert_pickle_weights)
+            return in_child_process(_resolve_model, model_id, a.revision, hub_cache,
+                                    environment.cache_dir(), a.convert_pickle_weights,
+                                    a.json_output)
         except Exception as e:  # every resolution failure is the user's to fix: say what and why
             raise LauncherError(f"cannot resolve the model: {e}") from e
 
@@ -168,3 +170,18 @@ class Supervisor:
                         ", ".join(f"{c.name}={c.exit_code}" for c in failed))
         log.info("stopped")
         return code
+
+
+def _resolve_model(
+    model_id: str | None, revision: str | None, hub_cache: Path | None, cache_dir: Path,
+    allow_pickle_conversion: bool, json_output: bool,
+) -> ModelSource:
+    """weights.resolve_model, for a child process: huggingface_hub, which it imports, would stay
+    in the launcher's memory (~25 MB) for as long as the server runs."""
+    from tgserve.launcher.weights import resolve_model
+    from tgserve.logs import setup_logging
+
+    setup_logging(json_output=json_output, component="launcher")  # its logs are the launcher's
+
+    return resolve_model(model_id, revision, hub_cache, cache_dir,
+                         allow_pickle_conversion=allow_pickle_conversion)

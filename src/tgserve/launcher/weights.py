@@ -8,7 +8,6 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import constants as hub_constants
@@ -17,6 +16,7 @@ from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
 from tgserve import env
 from tgserve.launcher.default_model import DEFAULT_MODEL_ID, default_model_path
+from tgserve.launcher.source import ModelResolutionError, ModelSource
 from tgserve.isolated import in_child_process
 
 log = logging.getLogger(__name__)
@@ -38,20 +38,6 @@ CONFIG_AND_TOKENIZER_FILES = [
 SAFETENSORS_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 PICKLE_PATTERNS = ["pytorch_model*.bin", "pytorch_model*.bin.index.json"]
 PICKLE_GLOB = "pytorch_model*.bin"
-
-
-class ModelResolutionError(RuntimeError):
-    pass
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """What the shards and the router load. `revision` is the hub commit the snapshot holds."""
-
-    model_id: str
-    path: Path  # config.json + tokenizer files (+ safetensors unless gguf_file is set)
-    gguf_file: Path | None
-    revision: str | None
 
 
 def resolve_model(
