@@ -1,4 +1,4 @@
-"""Runs a one-off step (a GGUF's sidecar or dequantization, a pickle conversion) in a child process.
+"""Runs a one-off step (model resolution, a GGUF's sidecar or dequantization) in a child process.
 
 Those steps import parts of transformers and torch that the long-lived process never needs again:
 tens to hundreds of MB of resident memory that Python never hands back. In a child the memory

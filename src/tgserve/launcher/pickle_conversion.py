@@ -1,6 +1,6 @@
 """Converts pickle (pytorch_model*.bin) weights to safetensors, once, when the user allows it.
 
-Its own module so that the launcher imports torch only when a conversion is asked for.
+Its own module, run in a child process (tgserve.isolated), so that the launcher never imports torch.
 """
 
 from __future__ import annotations
