@@ -49,4 +49,6 @@ def serve_large_buffers_from_mmap(threshold: int = MMAP_THRESHOLD_BYTES) -> bool
     resident: ~50 MB held in a shard after a c=64 run, out of reach of a trim between steps.
     True when set (glibc)."""
     libc = _libc()
-    return libc is not None and hasattr(libc, "mallopt") and libc.mallopt(_M_MMAP_THRESHOLD, threshold) == 1
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold) == 1)

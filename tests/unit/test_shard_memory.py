@@ -49,7 +49,7 @@ class HeapLeavingGenerator:
         return [], None, StepTimings(0, 0, 0)
 
 
-@pytest.mark.skipif(_libc() is None or not hasattr(ctypes, "memset"), reason="glibc's malloc_trim")
+@pytest.mark.skipif(_libc() is None, reason="glibc's malloc_trim")
 def test_prefill_hands_freed_heap_back() -> None:
     libc = _libc()
     assert libc is not None

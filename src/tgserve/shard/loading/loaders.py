@@ -57,8 +57,8 @@ def load_model(
         if gguf_file is not None:
             folder = Path(scratch.enter_context(tempfile.TemporaryDirectory(
                 prefix=".dequantized-", dir=path if os.access(path, os.W_OK) else None)))
-            in_child_process(dequantize_to_file, gguf_file, path, torch_dtype, folder / "w.safetensors")
             files = [folder / "w.safetensors"]
+            in_child_process(dequantize_to_file, gguf_file, path, torch_dtype, files[0])
         else:
             _refuse_pickle(path)
             files = safetensors_files(path)

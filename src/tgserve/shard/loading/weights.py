@@ -88,7 +88,8 @@ class Weights:
         if tensor.is_floating_point():
             tensor = tensor.to(self.dtype)
         tensor = tensor.to(self.device).contiguous()
-        if self._tensors is None and tensor.untyped_storage().data_ptr() == read.untyped_storage().data_ptr():
+        shares_storage = tensor.untyped_storage().data_ptr() == read.untyped_storage().data_ptr()
+        if self._tensors is None and shares_storage:
             # safetensors hands out views of its memory map: a tensor kept as read would keep the
             # whole file mapped, and every page it ever touched resident.
             tensor = tensor.clone()
