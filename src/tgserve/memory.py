@@ -36,19 +36,29 @@ def trim_heap() -> None:
         libc.malloc_trim(0)
 
 
-# mallopt's parameter number for the mmap threshold (glibc's malloc.h).
+# mallopt's parameter numbers (glibc's malloc.h).
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-# Every buffer from here up gets a mapping of its own, handed back whole when freed.
-MMAP_THRESHOLD_BYTES = 4 << 20
+# glibc's largest mmap threshold on 64-bit: buffers up to here come from the heap.
+MMAP_THRESHOLD_BYTES = 32 << 20
+# Free memory at the heap's top that free() leaves alone; trim_heap() hands it back between steps.
+TRIM_THRESHOLD_BYTES = 1 << 30
 
 
-def serve_large_buffers_from_mmap(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Fix glibc's mmap threshold instead of letting it rise (up to 32 MB) each time a mapped
-    buffer is freed. Risen, the threshold sends a step's multi-MB buffers (a batch's logits, a
-    prefill's activations) to the heap, where freeing them below a live block leaves them
-    resident: ~50 MB held in a shard after a c=64 run, out of reach of a trim between steps.
-    True when set (glibc)."""
+def recycle_step_buffers(
+    mmap_threshold: int = MMAP_THRESHOLD_BYTES, trim_threshold: int = TRIM_THRESHOLD_BYTES
+) -> bool:
+    """Serve a step's multi-MB buffers (activations, logits) from the heap and keep them there
+    while the step runs, so that each layer reuses the pages the one before freed.
+
+    Each buffer in a mapping of its own (glibc's fixed 4 MiB threshold before this) was faulted
+    in page by page and unmapped again at every op: a prefill of 8 x 180 tokens took ~450k minor
+    faults and a fifth of its time in the kernel (2.4-3.2 s against 1.9-2.2 s with this). The
+    heap's growth is handed back after the step instead (trim_heap after each Prefill and when
+    the shard runs out of batches), which reaches freed chunks anywhere in the heap, not only at
+    its top. True when set (glibc)."""
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):
         return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold) == 1)
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
+    return bool(ok and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1)

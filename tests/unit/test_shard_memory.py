@@ -71,27 +71,43 @@ def test_prefill_hands_freed_heap_back() -> None:
         libc.free(c)
 
 
+@pytest.mark.skipif(_libc() is None, reason="glibc's malloc_trim")
+def test_decode_hands_freed_heap_back() -> None:
+    # Decode steps recycle their buffers in the heap too (recycle_step_buffers); between steps
+    # the heap must hold only what is live, or a batch-64 step's logits stay resident.
+    libc = _libc()
+    assert libc is not None
+    generator = HeapLeavingGenerator(libc)
+    generator.decode = lambda batch_ids: generator.prefill(0, [], None)  # type: ignore[attr-defined]
+    service = TextGenerationService(generator, SimpleNamespace(world_size=1, rank=0))  # type: ignore[arg-type]
+    request = pb.DecodeRequest(batches=[pb.CachedBatch(id=1, request_ids=[1], size=1)])
+    libc.malloc_trim(0)
+    before = rss_mib()
+    asyncio.run(service.Decode(request, None))
+    grown = rss_mib() - before
+    assert grown < 16, f"RSS grew by {grown:.1f} MiB across a decode step"
+    for c in generator.kept:
+        libc.free(c)
+
+
 MIB = 1 << 20
 
 
-def _retained_after_freeing_8_mib_buffers(libc: ctypes.CDLL) -> float:
-    """RSS growth after 8 buffers of 8 MiB are touched and freed below a live block: what the
-    heap keeps when such buffers come from it rather than from mappings of their own."""
-    libc.malloc.restype = ctypes.c_void_p
-    libc.free.argtypes = [ctypes.c_void_p]
-    big = libc.malloc(16 * MIB)  # freed mapped buffers raise glibc's threshold to their size
-    libc.free(big)
-    libc.malloc_trim(0)
-    before = rss_mib()
-    buffers = [libc.malloc(8 * MIB) for _ in range(8)]
-    for b in buffers:
-        ctypes.memset(b, 1, 8 * MIB)
-    live = libc.malloc(8 * MIB)  # as large: from the heap's top, so above the others
-    for b in buffers:
-        libc.free(b)
-    grown = rss_mib() - before
-    libc.free(live)
-    return grown
+def _faults_of_a_second_step() -> int:
+    """Minor page faults of a step that allocates, touches and frees 8 buffers of 8 MiB, as a
+    prefill's layers do, after an identical step: what recycling the first one's pages saves."""
+    import resource
+
+    import torch
+
+    def step() -> None:
+        for _ in range(8):
+            torch.ones(2 * MIB)  # 8 MiB of float32, written whole, freed at once
+
+    step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
 def _in_fresh_process(code: str) -> str:
@@ -104,18 +120,18 @@ def _in_fresh_process(code: str) -> str:
 
 
 @pytest.mark.skipif(_libc() is None or not hasattr(_libc(), "mallopt"), reason="glibc's mallopt")
-def test_large_buffers_go_back_to_the_os_when_freed() -> None:
-    # Fresh processes: mallopt's setting lasts for the process; the control shows the heap
-    # keeping the buffers when the threshold is left to rise.
+def test_step_buffers_are_recycled_not_faulted_in_again() -> None:
+    # Fresh processes: mallopt's setting lasts for the process. The control is the setting
+    # before (every buffer of 4 MiB and up in a mapping of its own): each of the second step's
+    # 16k pages faulted in again.
     code = (
-        "import ctypes, ctypes.util\n"
-        "from tests.unit.test_shard_memory import _retained_after_freeing_8_mib_buffers as f\n"
-        "from tgserve.memory import serve_large_buffers_from_mmap\n"
-        "libc = ctypes.CDLL(ctypes.util.find_library('c'))\n"
+        "from tests.unit.test_shard_memory import _faults_of_a_second_step as f\n"
+        "from tgserve.memory import recycle_step_buffers\n"
         "{setup}\n"
-        "print(round(f(libc)))\n"
+        "print(f())\n"
     )
-    kept_by_default = int(_in_fresh_process(code.format(setup="")))
-    kept_when_set = int(_in_fresh_process(code.format(setup="assert serve_large_buffers_from_mmap()")))
-    assert kept_by_default >= 48, "control: the heap should have kept the freed buffers"
-    assert kept_when_set < 8
+    control = "assert recycle_step_buffers(mmap_threshold=4 << 20)"
+    faulted_when_mapped = int(_in_fresh_process(code.format(setup=control)))
+    faulted_when_recycled = int(_in_fresh_process(code.format(setup="assert recycle_step_buffers()")))
+    assert faulted_when_mapped >= 8 * 2048, "control: mapped buffers fault in every page"
+    assert faulted_when_recycled < 1000

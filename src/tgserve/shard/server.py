@@ -16,7 +16,7 @@ import torch.distributed as dist
 from transformers import AutoTokenizer, GenerationConfig
 
 from tgserve.env import prefix_caching
-from tgserve.memory import release_free_memory, serve_large_buffers_from_mmap
+from tgserve.memory import release_free_memory, recycle_step_buffers
 from tgserve.pb import generate_pb2_grpc as pb_grpc
 from tgserve.router.tracing import setup_tracing
 from tgserve.shard.generator import Generator
@@ -109,7 +109,7 @@ def init_distributed(args: argparse.Namespace) -> torch.device:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    serve_large_buffers_from_mmap()
+    recycle_step_buffers()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = init_distributed(args)

@@ -195,7 +195,8 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         result = await self._traced_step("Prefill", context, len(reqs), self.generator.prefill,
                                          request.batch.id, reqs, running)
         # A prefill's activations (tens of MB per thousand tokens) are freed into glibc's heap,
-        # which keeps them: at c=64 that was ~60-75 MB of resident memory held for nothing.
+        # which keeps them for reuse within the step (memory.recycle_step_buffers): at c=64
+        # that was ~60-75 MB of resident memory held for nothing once the step is done.
         trim_heap()
         return _step_response(pb.PrefillResponse, *self._owned(*result))
 
@@ -203,6 +204,10 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         ids = [b.id for b in request.batches]
         size = sum(len(b.request_ids) for b in request.batches)
         result = await self._traced_step("Decode", context, size, self.generator.decode, ids)
+        # The step's logits (12.6 MB at batch 64) and activations, recycled within the step, go
+        # back to the OS: between steps the heap holds only what is live. Peak RSS at c=64:
+        # 1905 MiB without this, 1892 with it; the step pays ~3k page faults for it (~1 %).
+        trim_heap()
         return _step_response(pb.DecodeResponse, *self._owned(*result))
 
     def _owned(self, generations: Sequence[Generation], batch: Batch | None,
