@@ -101,9 +101,10 @@ class Run:
         )
         self.track.ended(generated, now, now)
 
-    async def _run_choice(
-        self, choice: ChoicePlan, out: asyncio.Queue[Any], prefilled: asyncio.Event | None
-    ) -> None:
+    async def _choice_deltas(
+        self, choice: ChoicePlan, prefilled: asyncio.Event | None = None
+    ) -> AsyncGenerator[Delta, None]:
+        """One choice's deltas, from its echo (if asked) to the delta that finishes it."""
         decoder = self.decoders[choice.index]
         pending_echo = choice.echo
         async with _events(self.infer, choice.request, self.track) as events:
@@ -112,19 +113,28 @@ class Run:
                     prefilled.set()
                 if pending_echo is not None:
                     prefill = event if isinstance(event, PrefillEvent) else PrefillEvent([])
-                    delta = decoder.echo(pending_echo, prefill.tokens, prefill.top_tokens)
-                    out.put_nowait((choice, delta))
+                    yield decoder.echo(pending_echo, prefill.tokens, prefill.top_tokens)
                     pending_echo = None
                 if isinstance(event, PrefillEvent):
                     continue
                 self.track.token(choice.request)
                 end = event if isinstance(event, EndEvent) else None
                 reason = end.generated_text.finish_reason if end is not None else None
-                out.put_nowait((choice, decoder.step(event.token, event.top_tokens, reason)))
+                yield decoder.step(event.token, event.top_tokens, reason)
                 if decoder.done:
                     self._report_end(choice, end)
                     return
         raise IncompleteGenerationError()
+
+    async def _run_choice(
+        self, choice: ChoicePlan, out: asyncio.Queue[Any], prefilled: asyncio.Event | None
+    ) -> None:
+        deltas = self._choice_deltas(choice, prefilled)
+        try:
+            async for delta in deltas:
+                out.put_nowait((choice, delta))
+        finally:
+            await deltas.aclose()
 
     async def _guarded(
         self,
@@ -160,6 +170,19 @@ class Run:
 
     async def deltas(self) -> AsyncIterator[tuple[ChoicePlan, Delta]]:
         """Every choice's deltas as they happen; the first failure ends (and cancels) them all."""
+        if len(self.plan.choices) == 1:
+            # One choice (n=1, the common case) runs inline: no task and no queue hop per token,
+            # on the cores the shard computes on.
+            choice = self.plan.choices[0]
+            deltas = self._choice_deltas(choice)
+            try:
+                async for delta in deltas:
+                    if delta.text or delta.logprobs or delta.finish_reason:
+                        yield choice, delta
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await deltas.aclose()
+            return
         out: asyncio.Queue[Any] = asyncio.Queue()
         tasks = self._start(out)
         remaining = len(tasks)

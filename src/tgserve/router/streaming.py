@@ -73,7 +73,8 @@ class SSEResponse(Response):
         self.keep_alive_s = keep_alive_s
         self.disconnected = False
         self._last_sent = time.monotonic()
-        self._send_lock = anyio.Lock()
+        # fast_acquire: the pump's uncontended acquire (every token) does not yield to the loop.
+        self._send_lock = anyio.Lock(fast_acquire=True)
 
     def _encode_headers(self, extra: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
         headers = {"content-type": self.media_type, "cache-control": "no-cache", **extra}

@@ -175,10 +175,11 @@ def _headers(plan: Plan, compute_type: str, run: Run | None = None) -> dict[str,
 
 
 async def chat_chunks(run: Run, meta: _Meta) -> AsyncIterator[BaseModel]:
+    fields = meta.model_dump()  # once: every chunk of a stream shares them
     async for choice, delta in run.deltas():
         logprobs = chat_logprobs(list(delta.logprobs)) if run.plan.want_logprobs else None
         yield ChatCompletionChunk(
-            **meta.model_dump(),
+            **fields,
             choices=[
                 ChatChunkChoice(
                     index=choice.index,
@@ -189,15 +190,16 @@ async def chat_chunks(run: Run, meta: _Meta) -> AsyncIterator[BaseModel]:
             ],
         )
     if run.plan.include_usage:
-        yield ChatCompletionChunk(**meta.model_dump(), choices=[], usage=run.usage())
+        yield ChatCompletionChunk(**fields, choices=[], usage=run.usage())
 
 
 async def completion_chunks(run: Run, meta: _Meta) -> AsyncIterator[BaseModel]:
     offsets = [CompletionOffsets(len(c.echo or "")) for c in run.plan.choices]
+    fields = meta.model_dump()
     async for choice, delta in run.deltas():
         logprobs = offsets[choice.index].shape(delta.logprobs) if run.plan.want_logprobs else None
         yield Completion(
-            **meta.model_dump(),
+            **fields,
             choices=[
                 CompletionChoice(
                     index=choice.index,
@@ -208,7 +210,7 @@ async def completion_chunks(run: Run, meta: _Meta) -> AsyncIterator[BaseModel]:
             ],
         )
     if run.plan.include_usage:
-        yield Completion(**meta.model_dump(), choices=[], usage=run.usage())
+        yield Completion(**fields, choices=[], usage=run.usage())
 
 
 def completion_choices(run: Run, results: list[Any]) -> list[CompletionChoice]:
