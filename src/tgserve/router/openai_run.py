@@ -61,6 +61,11 @@ async def _events(
                     log.exception("closing the backend stream failed")
 
 
+def _carries(delta: Delta) -> bool:
+    """Whether a delta has anything to send (a token held back for a stop string has not)."""
+    return bool(delta.text or delta.logprobs or delta.finish_reason)
+
+
 @dataclass
 class Run:
     """One API request in flight: its plan, a decoder per choice, the telemetry tracker."""
@@ -177,7 +182,7 @@ class Run:
             deltas = self._choice_deltas(choice)
             try:
                 async for delta in deltas:
-                    if delta.text or delta.logprobs or delta.finish_reason:
+                    if _carries(delta):
                         yield choice, delta
             finally:
                 with anyio.CancelScope(shield=True):
@@ -193,7 +198,7 @@ class Run:
                     remaining -= 1
                 elif isinstance(item, Exception):
                     raise item
-                elif item.text or item.logprobs or item.finish_reason:
+                elif _carries(item):
                     yield choice, item
         finally:
             for task in tasks:
