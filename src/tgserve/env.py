@@ -31,3 +31,21 @@ def child_environment(extra: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
     env.update(extra)
     return env
+
+
+# What a shard runs with unless the user's environment says otherwise.
+SHARD_DEFAULTS = {
+    # torch's CPU allocator asks for 2 MiB pages (madvise) for tensors of 2 MiB and up. A decode
+    # step streams every weight once; in 4 KiB pages the stream crosses a page, where the hardware
+    # prefetcher stops and the TLB misses, every 4 KiB. Batch-1 decode steps of the default model:
+    # 26.0 -> 23.5 ms (medians of 60, four alternating runs each) on a 2-core Intel Xeon, with the
+    # same peak RSS. Kernels whose transparent huge pages are "never" ignore it.
+    "THP_MEM_ALLOC_ENABLE": "1",
+}
+
+
+def shard_environment(extra: dict[str, str]) -> dict[str, str]:
+    """A shard's environment: the launcher's, SHARD_DEFAULTS where it is silent, then `extra`."""
+    env = {**SHARD_DEFAULTS, **os.environ}
+    env.update(extra)
+    return env

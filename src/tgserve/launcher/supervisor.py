@@ -126,7 +126,7 @@ class Supervisor:
                      "MASTER_ADDR": self.args.master_addr, "MASTER_PORT": str(self.args.master_port)}
             argv = shard_argv(self.args, source, rank, world)
             self.children.append(Child.spawn(f"shard-{rank}", argv,
-                                             environment.child_environment(extra)))
+                                             environment.shard_environment(extra)))
         deadline = time.monotonic() + self.args.shard_ready_timeout
         pending = {f"{self.args.shard_uds_path}-{r}" for r in range(world)}
         last_note = time.monotonic()
