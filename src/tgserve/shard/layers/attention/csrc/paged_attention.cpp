@@ -128,16 +128,17 @@ bool score_block(const Task& t, Scratch& s, int64_t b0, int64_t n) {
       prefetch_row(t.v + slot * t.v_stride, v_span);
       rows[i] = t.k + slot * t.k_stride;
     }
+    const bool whole = m == kLanes && d % kLanes == 0;
     for (int64_t kh = 0; kh < t.kv_heads; ++kh) {
+      const float* head_rows[kLanes];  // kv head kh of each position, shared by its query heads
+      for (int64_t i = 0; i < m; ++i) head_rows[i] = rows[i] + kh * t.k_head;
       for (int64_t g = 0; g < t.group; ++g) {
         const int64_t h = kh * t.group + g;
         float* out = &s.scores[h * kBlock + i0];
-        if (m == kLanes && d % kLanes == 0) {
-          const float* head_rows[kLanes];
-          for (int64_t i = 0; i < kLanes; ++i) head_rows[i] = rows[i] + kh * t.k_head;
+        if (whole) {
           dots(&s.q[h * d], head_rows, d, out);
         } else {
-          for (int64_t i = 0; i < m; ++i) out[i] = dot(&s.q[h * d], rows[i] + kh * t.k_head, d);
+          for (int64_t i = 0; i < m; ++i) out[i] = dot(&s.q[h * d], head_rows[i], d);
         }
       }
     }
