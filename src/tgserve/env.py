@@ -27,6 +27,16 @@ def prefix_caching() -> bool:
     return os.environ.get("PREFIX_CACHING", "1").lower() not in ("0", "false", "no", "off")
 
 
+# Largest batch whose next decode step a shard computes while the router handles the last one.
+DECODE_AHEAD_MAX_BATCH = 16
+
+
+def decode_ahead_max_batch() -> int:
+    """TGSERVE_DECODE_AHEAD_MAX_BATCH, or DECODE_AHEAD_MAX_BATCH; 0 turns decoding ahead off."""
+    value = os.environ.get("TGSERVE_DECODE_AHEAD_MAX_BATCH")
+    return DECODE_AHEAD_MAX_BATCH if value in (None, "") else max(int(value), 0)
+
+
 def child_environment(extra: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
     env.update(extra)

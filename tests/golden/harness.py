@@ -33,12 +33,16 @@ class Harness:
         block_size: int = 16,
         gguf_file: Path | None = None,
         eos: frozenset[int] = frozenset(),
+        ahead: bool = False,
     ) -> None:
+        """With `ahead`, every step's batch has its next step computed at once, as a shard does
+        for small batches (Generator.decode_ahead): joins, leaves and cancels then meet it."""
         model = load_model(model_dir, torch.device("cpu"), "float32", gguf_file=gguf_file)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.generator = Generator(model, self.tokenizer, eos, block_size)
         self.generator.allocate_kv_cache(num_blocks)
         self.block_size = block_size
+        self.ahead = ahead
         self._free_blocks = list(range(1, num_blocks))  # block 0 is the router's health block
         self._ids = itertools.count(1)
         self.batch_ids: list[int] = []
@@ -93,6 +97,7 @@ class Harness:
             self.batch_ids = []
         if batch is not None:
             self.batch_ids.append(batch.id)
+            self._decode_ahead(batch.id)
 
     def step(self) -> None:
         if not self.batch_ids:
@@ -100,11 +105,18 @@ class Harness:
         generations, batch, _ = self.generator.decode(self.batch_ids)
         self._record(generations)
         self.batch_ids = [batch.id] if batch is not None else []
+        if batch is not None:
+            self._decode_ahead(batch.id)
+
+    def _decode_ahead(self, batch_id: int) -> None:
+        if self.ahead:
+            assert self.generator.decode_ahead(batch_id)
+            assert batch_id in self.generator.ahead
 
     def cancel(self, rid: int) -> None:
         """What the router does when a client leaves: filter the request out of the batch."""
         (bid,) = self.batch_ids
-        keep = [i for i in self.generator.batches[bid].request_ids if i != rid]
+        keep = [i for i in self.generator.view(bid).request_ids if i != rid]
         if keep:
             self.generator.filter(bid, keep)
         else:
@@ -117,4 +129,4 @@ class Harness:
 
     @property
     def running(self) -> list[int]:
-        return [r for b in self.batch_ids for r in self.generator.batches[b].request_ids]
+        return [r for b in self.batch_ids for r in self.generator.view(b).request_ids]

@@ -77,16 +77,19 @@ def test_greedy_alone_matches_transformers(arch) -> None:  # type: ignore[no-unt
     assert out.finish is not None and out.finish.generated_text.generated_tokens == NEW_TOKENS
 
 
+@pytest.mark.parametrize("ahead", [False, True], ids=["on-demand", "decode-ahead"])
 @pytest.mark.parametrize("mixed", [False, True], ids=["separate-prefill", "mixed-prefill"])
-def test_greedy_inside_a_moving_batch(arch, mixed: bool) -> None:  # type: ignore[no-untyped-def]
+def test_greedy_inside_a_moving_batch(arch, mixed: bool, ahead: bool) -> None:  # type: ignore[no-untyped-def]
     """A runs; B joins at step 5, C at step 12; B leaves early (short budget), D is cancelled.
 
     With `mixed`, joining prompts are computed in the same forward as the running rows' next tokens.
+    With `ahead`, each step is computed before it is asked for, so every join, leave and cancel
+    meets a step already done (as on a shard with small batches).
     """
     name, folder, reference = arch
     prompts = {1: prompt(10, 30), 2: prompt(11, 17), 3: prompt(12, 41), 4: prompt(13, 9)}
     budgets = {1: NEW_TOKENS, 2: 20, 3: NEW_TOKENS, 4: NEW_TOKENS}
-    h = Harness(folder)
+    h = Harness(folder, ahead=ahead)
     h.add([h.request(1, prompts[1], budgets[1])])
     for step in range(1, 200):
         if step == 5:

@@ -211,11 +211,12 @@ class RecordingClient:
     def __init__(self) -> None:
         self.metadata: list[Any] = []
 
-    async def prefill(self, batch: Any, cached_batch: Any = None, metadata: Any = None) -> str:
+    async def prefill(self, batch: Any, cached_batch: Any = None, metadata: Any = None,
+                      decode_ahead: bool = False) -> str:
         self.metadata.append(metadata)
         return "prefilled"
 
-    async def decode(self, batches: Any, metadata: Any = None) -> str:
+    async def decode(self, batches: Any, metadata: Any = None, decode_ahead: bool = False) -> str:
         self.metadata.append(metadata)
         return "decoded"
 

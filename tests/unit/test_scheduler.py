@@ -65,6 +65,8 @@ class FakeShardClient:
     batches: dict[int, list[FakeRequest]] = field(default_factory=dict)
     fail: Callable[[str, list[int]], Exception | None] = lambda method, ids: None
     healthy: bool = True
+    # Per Prefill and Decode, in call order: whether it let the shard decode ahead.
+    aheads: list[bool] = field(default_factory=list)
 
     async def _yield(self) -> None:
         # Give consumers (and newly arriving requests) a chance to run mid-step.
@@ -93,10 +95,12 @@ class FakeShardClient:
         return self._cached(batch_id)
 
     async def prefill(
-        self, batch: pb.Batch, cached_batch: pb.CachedBatch | None = None
+        self, batch: pb.Batch, cached_batch: pb.CachedBatch | None = None,
+        decode_ahead: bool = False,
     ) -> StepResult:
         ids = [r.id for r in batch.requests]
         self.calls.append(("prefill", (batch.id, ids)))
+        self.aheads.append(decode_ahead)
         await self._yield()
         if (err := self.fail("prefill", ids)) is not None:
             raise err
@@ -115,10 +119,13 @@ class FakeShardClient:
             return self._step(cached_batch.id, running + requests, prefill_logprobs)
         return self._step(batch.id, requests, prefill_logprobs)
 
-    async def decode(self, batches: Sequence[pb.CachedBatch]) -> StepResult:
+    async def decode(
+        self, batches: Sequence[pb.CachedBatch], decode_ahead: bool = False
+    ) -> StepResult:
         requests = [r for b in batches for r in self.batches.pop(b.id)]
         ids = [r.id for r in requests]
         self.calls.append(("decode", ids))
+        self.aheads.append(decode_ahead)
         await self._yield()
         if (err := self.fail("decode", ids)) is not None:
             raise err
@@ -535,11 +542,12 @@ def test_blocks_never_over_committed_under_random_load() -> None:
         capacity = scheduler.allocator.total_blocks
         original_prefill = client.prefill
 
-        async def checked_prefill(batch: pb.Batch, cached: pb.CachedBatch | None = None) -> Any:
+        async def checked_prefill(batch: pb.Batch, cached: pb.CachedBatch | None = None,
+                                  decode_ahead: bool = False) -> Any:
             assert scheduler.allocator.used_blocks <= capacity
             assert len(client.live_slots()) + sum(len(r.slots) for r in batch.requests) <= (
                 capacity * 4)
-            return await original_prefill(batch, cached)
+            return await original_prefill(batch, cached, decode_ahead)
 
         client.prefill = checked_prefill  # type: ignore[method-assign]
         scheduler.start()
@@ -666,6 +674,29 @@ def test_mixed_prefill_admits_a_newcomer_at_the_next_step() -> None:
         long_id = client.prefills()[0][0]
         assert any({long_id} < set(ids) for ids in client.decodes())
         assert scheduler.allocator.used_blocks == 0
+
+    run(main())
+
+
+def test_steps_let_the_shard_decode_ahead_only_while_nothing_waits() -> None:
+    """A step done ahead would have to be redone apart from a newcomer's prompt: the scheduler
+    asks for it only when the queue is empty after the step's admissions."""
+
+    async def main() -> None:
+        scheduler, client = make(max_batch_size=1, mixed_prefill=True)
+        scheduler.start()
+        first = asyncio.create_task(collect(scheduler.schedule(req(4, 6))))
+        await wait_until(lambda: len(client.decodes()) >= 2)
+        assert client.aheads == [True, True, True]  # alone: its prefill and decodes
+        # The batch is full (max_batch_size=1), so the second request waits in the queue.
+        second = asyncio.create_task(collect(scheduler.schedule(req(4, 2))))
+        await first
+        waited = len(client.aheads)
+        await second
+        await scheduler.stop()
+        assert client.prefills()[1] == [1]  # the second ran after the first left
+        assert False in client.aheads[3:waited]  # the first's steps while the second waited
+        assert client.aheads[-1] is True  # the second's own, with nothing waiting
 
     run(main())
 

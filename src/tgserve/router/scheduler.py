@@ -134,9 +134,14 @@ class ShardBackend(Protocol):
         self, batch_id: int, request_ids: Sequence[int]
     ) -> generate_pb2.CachedBatch: ...
     async def prefill(
-        self, batch: generate_pb2.Batch, cached_batch: generate_pb2.CachedBatch | None = None
+        self,
+        batch: generate_pb2.Batch,
+        cached_batch: generate_pb2.CachedBatch | None = None,
+        decode_ahead: bool = False,
     ) -> StepResult: ...
-    async def decode(self, batches: Sequence[generate_pb2.CachedBatch]) -> StepResult: ...
+    async def decode(
+        self, batches: Sequence[generate_pb2.CachedBatch], decode_ahead: bool = False
+    ) -> StepResult: ...
 
 
 Entries = dict[int, Entry]
@@ -307,7 +312,8 @@ class Scheduler:
                 new = self._next_joining_batch(cached, waiting_tokens)
                 if new is not None:
                     self._joining = new.entries
-                    new_cached = await self._prefill(new, new.entries)
+                    # Its rows decode next together with the running ones, not ahead alone.
+                    new_cached = await self._prefill(new, new.entries, ahead=False)
                     waiting_tokens = 1
                     if new_cached is not None:
                         self._running.update(new.entries)
@@ -379,11 +385,16 @@ class Scheduler:
         return nb
 
     async def _prefill(
-        self, nb: NextBatch, entries: Entries, running: generate_pb2.CachedBatch | None = None
+        self,
+        nb: NextBatch,
+        entries: Entries,
+        running: generate_pb2.CachedBatch | None = None,
+        ahead: bool = True,
     ) -> generate_pb2.CachedBatch | None:
         start = time.perf_counter()
         try:
-            result = await self._client.prefill(nb.batch, running)
+            result = await self._client.prefill(nb.batch, running,
+                                                decode_ahead=ahead and self._nothing_waits())
         except Exception as err:  # noqa: BLE001 - a failed step fails its requests, not the server
             failed = [nb.batch.id] + ([running.id] if running is not None else [])
             await self._step_failed("prefill", failed, entries, err)
@@ -399,12 +410,20 @@ class Scheduler:
     ) -> generate_pb2.CachedBatch | None:
         start = time.perf_counter()
         try:
-            result = await self._client.decode(batches)
+            result = await self._client.decode(batches, decode_ahead=self._nothing_waits())
         except Exception as err:  # noqa: BLE001 - a failed step fails its requests, not the server
             await self._step_failed("decode", [b.id for b in batches], entries, err)
             return None
         self._observer.on_decode(time.perf_counter() - start, len(entries), result.timings)
         return await self._after_step("decode", result, entries)
+
+    def _nothing_waits(self) -> bool:
+        """Whether the shards may compute the batch's next decode step before it is asked for.
+
+        Only with an empty queue: a request waiting now would join at the next step, which the
+        shard would then have to compute in two forwards (the step done ahead, then the prompts).
+        """
+        return len(self.queue) == 0
 
     async def _step_failed(
         self, method: str, batch_ids: list[int], entries: Entries, err: Exception

@@ -147,14 +147,19 @@ class ShardClient:
         batch: generate_pb2.Batch,
         cached_batch: generate_pb2.CachedBatch | None = None,
         metadata: Metadata | None = None,
+        decode_ahead: bool = False,
     ) -> StepResult:
-        request = generate_pb2.PrefillRequest(batch=batch, cached_batch=cached_batch)
+        request = generate_pb2.PrefillRequest(batch=batch, cached_batch=cached_batch,
+                                              decode_ahead=decode_ahead)
         return _merge(await self._all(lambda s: s.Prefill(request, metadata=metadata)))
 
     async def decode(
-        self, batches: Sequence[generate_pb2.CachedBatch], metadata: Metadata | None = None
+        self,
+        batches: Sequence[generate_pb2.CachedBatch],
+        metadata: Metadata | None = None,
+        decode_ahead: bool = False,
     ) -> StepResult:
-        request = generate_pb2.DecodeRequest(batches=batches)
+        request = generate_pb2.DecodeRequest(batches=batches, decode_ahead=decode_ahead)
         return _merge(await self._all(lambda s: s.Decode(request, metadata=metadata)))
 
 

@@ -183,11 +183,17 @@ class TracedShardClient:
         return traces[0].metadata() if traces else None
 
     async def prefill(
-        self, batch: generate_pb2.Batch, cached_batch: generate_pb2.CachedBatch | None = None
+        self,
+        batch: generate_pb2.Batch,
+        cached_batch: generate_pb2.CachedBatch | None = None,
+        decode_ahead: bool = False,
     ) -> StepResult:
         metadata = self._step("prefill", [r.id for r in batch.requests])
-        return await self.client.prefill(batch, cached_batch, metadata=metadata)
+        return await self.client.prefill(batch, cached_batch, metadata=metadata,
+                                         decode_ahead=decode_ahead)
 
-    async def decode(self, batches: Sequence[generate_pb2.CachedBatch]) -> StepResult:
+    async def decode(
+        self, batches: Sequence[generate_pb2.CachedBatch], decode_ahead: bool = False
+    ) -> StepResult:
         metadata = self._step("decode", [i for b in batches for i in b.request_ids])
-        return await self.client.decode(batches, metadata=metadata)
+        return await self.client.decode(batches, metadata=metadata, decode_ahead=decode_ahead)

@@ -45,6 +45,29 @@ class ShardError(RuntimeError):
     """A request the shard cannot run; reported to the router, the shard keeps serving."""
 
 
+StepResult = tuple[list[Generation], Batch | None, StepTimings]
+
+
+@dataclass
+class AheadStep:
+    """A batch's next decode step, computed before the router asked for it (decode_ahead).
+
+    `batch` is the batch as the router still knows it, the step's input. The step's own state
+    changes (tokens appended, stopping and sampler state advanced) are exactly those the router's
+    next Decode or mixed Prefill of this batch would have made, so that call just returns it.
+    """
+
+    batch: Batch
+    result: StepResult | None = None
+    error: Exception | None = None
+
+    def take(self) -> StepResult:
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
 class Generator:
     def __init__(
         self,
@@ -65,6 +88,7 @@ class Generator:
         self.device = model.device
         self.kv_cache: KVCache | None = None
         self.batches: dict[int, Batch] = {}
+        self.ahead: dict[int, AheadStep] = {}
         self.special_ids = frozenset(tokenizer.all_special_ids)
 
     # -- KV cache ---------------------------------------------------------------------------
@@ -86,13 +110,33 @@ class Generator:
     def clear(self, batch_id: int | None = None) -> None:
         if batch_id is None:
             self.batches.clear()
+            self.ahead.clear()
         else:
             self.batches.pop(batch_id, None)
+            self.ahead.pop(batch_id, None)
+
+    def view(self, batch_id: int) -> Batch:
+        """The batch as the router knows it: before its step computed ahead, if there is one."""
+        if batch_id in self.ahead:
+            return self.ahead[batch_id].batch
+        if batch_id not in self.batches:
+            raise ShardError(f"Batch ID {batch_id} not found in cache.")
+        return self.batches[batch_id]
 
     def filter(self, batch_id: int, request_ids: list[int]) -> Batch:
-        batch = self._pop(batch_id).filter(request_ids)
-        self.batches[batch.id] = batch
-        return batch
+        ahead = self.ahead.get(batch_id)
+        if ahead is None:
+            batch = self._pop(batch_id).filter(request_ids)
+            self.batches[batch.id] = batch
+            return batch
+        # The step ahead keeps only the rows the router still wants (a client left meanwhile).
+        generations, next_batch, timings = ahead.take()
+        wanted = set(request_ids)
+        if next_batch is not None:
+            next_batch = next_batch.filter(request_ids) if wanted & set(next_batch.request_ids) else None
+        ahead.result = ([g for g in generations if g.request_id in wanted], next_batch, timings)
+        ahead.batch = ahead.batch.filter(request_ids)
+        return ahead.batch
 
     def _pop(self, batch_id: int) -> Batch:
         if batch_id not in self.batches:
@@ -103,9 +147,13 @@ class Generator:
 
     def prefill(
         self, batch_id: int, new: list[NewRequest], running_id: int | None = None
-    ) -> tuple[list[Generation], Batch | None, StepTimings]:
+    ) -> StepResult:
         """Prefill new requests; with `running_id`, that batch's next tokens ride in the same forward
         and the new requests join it (mixed prefill: no decode step waits behind a prefill)."""
+        if running_id is not None and running_id in self.ahead:
+            # Its next tokens are already computed: only the new prompts run.
+            ahead = self.ahead.pop(running_id).take()
+            return self._merge([ahead, self.prefill(batch_id, new)])
         start = time.perf_counter_ns()
         running = self._pop(running_id) if running_id is not None else None
         requests = [self._request_state(r) for r in new]
@@ -123,14 +171,60 @@ class Generator:
         return self._step(batch, logits.index_select(0, inputs.sample_rows), prompt_tokens,
                           start, forward_ns)
 
-    def decode(self, batch_ids: list[int]) -> tuple[list[Generation], Batch | None, StepTimings]:
+    def decode(self, batch_ids: list[int]) -> StepResult:
+        for i in batch_ids:
+            if i not in self.ahead and i not in self.batches:
+                raise ShardError(f"Batch ID {i} not found in cache.")
+        done = [self.ahead.pop(i).take() for i in batch_ids if i in self.ahead]
+        rest = [i for i in batch_ids if i in self.batches]
+        if not done:
+            return self._decode_now(rest)
+        return self._merge(done + ([self._decode_now(rest)] if rest else []))
+
+    def decode_ahead(self, batch_id: int) -> bool:
+        """Compute the batch's next decode step now, while the router handles the last one.
+
+        The router's next Decode (or mixed Prefill) of this batch then returns at once. False when
+        there is nothing to compute: the batch is gone or its step is already done.
+        """
+        if batch_id not in self.batches:
+            return False
+        batch = self.batches.pop(batch_id)
+        ahead = AheadStep(batch)
+        self.ahead[batch_id] = ahead
+        try:
+            ahead.result = self._decode_now([batch_id], batch, keep=False)
+        except Exception as e:  # noqa: BLE001 - reported to whoever asks for this step
+            ahead.error = e
+        return True
+
+    def _decode_now(
+        self, batch_ids: list[int], batch: Batch | None = None, keep: bool = True
+    ) -> StepResult:
         start = time.perf_counter_ns()
-        batch = Batch.concatenate([self._pop(i) for i in batch_ids])
+        if batch is None:
+            batch = Batch.concatenate([self._pop(i) for i in batch_ids])
         concat_ns = time.perf_counter_ns() - start if len(batch_ids) > 1 else None
         logits, forward_ns = self._forward(prepare_decode(batch, self.device))
-        generations, next_batch, timings = self._step(batch, logits, None, start, forward_ns)
+        generations, next_batch, timings = self._step(batch, logits, None, start, forward_ns, keep)
         timings.concat_ns = concat_ns
         return generations, next_batch, timings
+
+    def _merge(self, results: list[StepResult]) -> StepResult:
+        """One step's answer from parts computed apart: the batches left join into one."""
+        generations = [g for gens, _, _ in results for g in gens]
+        left = [b for _, b, _ in results if b is not None]
+        for b in left:
+            self.batches.pop(b.id, None)
+        batch = Batch.concatenate(left) if left else None
+        if batch is not None:
+            self.batches[batch.id] = batch
+        timings = StepTimings(
+            forward_ns=sum(t.forward_ns for *_, t in results),
+            decode_ns=sum(t.decode_ns for *_, t in results),
+            total_ns=sum(t.total_ns for *_, t in results),
+        )
+        return generations, batch, timings
 
     def _forward(self, inputs: ForwardInputs) -> tuple[torch.Tensor, int]:
         if self.kv_cache is None:
@@ -207,8 +301,10 @@ class Generator:
         prompt_tokens: list[PromptTokens | None] | None,
         start_ns: int,
         forward_ns: int,
-    ) -> tuple[list[Generation], Batch | None, StepTimings]:
-        """Choose each row's next token, detokenize, check stopping; keep the batch's live rows."""
+        keep: bool = True,
+    ) -> StepResult:
+        """Choose each row's next token, detokenize, check stopping; keep the batch's live rows
+        (in `self.batches` unless `keep` is False: a step ahead holds them itself)."""
         decode_start = time.perf_counter_ns()
         out = batch.chooser(logits)
         batch.chooser.advance(out.next_ids)
@@ -235,7 +331,8 @@ class Generator:
         next_batch: Batch | None = None
         if live:
             next_batch = batch.filter(live)
-            self.batches[next_batch.id] = next_batch
+            if keep:
+                self.batches[next_batch.id] = next_batch
         now = time.perf_counter_ns()
         return generations, next_batch, StepTimings(forward_ns, now - decode_start, now - start_ns)
 

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer, GenerationConfig
 
-from tgserve.env import prefix_caching
+from tgserve.env import decode_ahead_max_batch, prefix_caching
 from tgserve.memory import release_free_memory, recycle_step_buffers
 from tgserve.pb import generate_pb2_grpc as pb_grpc
 from tgserve.router.tracing import setup_tracing
@@ -132,6 +132,7 @@ async def serve(args: argparse.Namespace) -> None:
                                     or getattr(model.config, "n_positions", 4096)),
         kv_budget_bytes=kv_budget(args.kv_cache_memory, device, args.memory_fraction),
         urls=urls, rank=args.rank, world_size=args.world_size,
+        decode_ahead_max_batch=decode_ahead_max_batch(),
     )
     tracing = setup_tracing(args.otlp_endpoint, args.otlp_service_name)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 2**31 - 1),

@@ -35,6 +35,9 @@ class ShardSettings:
     urls: tuple[str, ...]
     rank: int = 0
     world_size: int = 1
+    # Batches up to this size get their next decode step computed while the router handles the
+    # last one (Generator.decode_ahead); 0 turns it off.
+    decode_ahead_max_batch: int = 0
 
 
 def new_request(p: pb.Request, tokenizer) -> NewRequest:  # type: ignore[no-untyped-def]
@@ -113,6 +116,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         self.settings = settings
         self.tracer = tracer  # an OpenTelemetry Tracer when --otlp-endpoint is set
         self._lock = asyncio.Lock()
+        self._ahead_tasks: set[asyncio.Task[None]] = set()
 
     async def _traced_step(  # type: ignore[no-untyped-def]
         self, name: str, context, size: int, fn, *args
@@ -197,7 +201,8 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         # A prefill's activations (tens of MB per thousand tokens) are freed into glibc's heap,
         # which keeps them for reuse within the step (memory.recycle_step_buffers): at c=64
         # that was ~60-75 MB of resident memory held for nothing once the step is done.
-        trim_heap()
+        if not self._decode_ahead(result[1], request.decode_ahead, trim=True):
+            trim_heap()
         return _step_response(pb.PrefillResponse, *self._owned(*result))
 
     async def Decode(self, request, context):  # type: ignore[no-untyped-def]
@@ -207,8 +212,36 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         # The step's logits (12.6 MB at batch 64) and activations, recycled within the step, go
         # back to the OS: between steps the heap holds only what is live. Peak RSS at c=64:
         # 1905 MiB without this, 1892 with it; the step pays ~3k page faults for it (~1 %).
-        trim_heap()
+        # A small batch that decodes ahead skips it: its step frees a few MB, and the trim would
+        # delay the next step, which the router is now waiting for.
+        if not self._decode_ahead(result[1], request.decode_ahead, trim=False):
+            trim_heap()
         return _step_response(pb.DecodeResponse, *self._owned(*result))
+
+    def _decode_ahead(self, batch: Batch | None, asked: bool, trim: bool) -> bool:
+        """Start the batch's next decode step as soon as this answer is on its way, if the router
+        asked for it (nothing waits to join) and the batch is small.
+
+        The step runs on the loop's thread once this handler has handed its answer to gRPC, so it
+        overlaps the router's handling of the answer and the round trip of the next call; that
+        call then finds the step done. One rank only: with several, each would have to start the
+        same steps in the same order, and a ClearCache landing first on one of them would leave
+        the other waiting in a collective for good.
+        """
+        s = self.settings
+        if not asked or batch is None or s.world_size > 1 or len(batch) > s.decode_ahead_max_batch:
+            return False
+        task = asyncio.get_running_loop().create_task(self._run_ahead(batch.id, trim))
+        self._ahead_tasks.add(task)  # the loop keeps only a weak reference
+        task.add_done_callback(self._ahead_tasks.discard)
+        return True
+
+    async def _run_ahead(self, batch_id: int, trim: bool) -> None:
+        async with self._lock:
+            if trim:  # a prefill's activations: tens of MB
+                trim_heap()
+            # A failure is kept with the step and raised to the call that asks for it.
+            self.generator.decode_ahead(batch_id)
 
     def _owned(self, generations: Sequence[Generation], batch: Batch | None,
                timings: StepTimings) -> tuple[list[Generation], Batch | None, StepTimings]:
