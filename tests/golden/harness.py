@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,10 @@ from tgserve.shard.generation import Generation
 from tgserve.shard.generator import Generator, NewRequest
 from tgserve.shard.loading.loaders import load_model
 from tgserve.shard.sampling.params import SamplingParams, StoppingParams
+
+# The engine's device in these tests. The reference (transformers) always runs on the CPU, so
+# TGSERVE_TEST_DEVICE=cuda checks the GPU path against the same float32 answers.
+DEVICE = torch.device(os.environ.get("TGSERVE_TEST_DEVICE", "cpu"))
 
 
 @dataclass
@@ -37,7 +42,7 @@ class Harness:
     ) -> None:
         """With `ahead`, every step's batch has its next step computed at once, as a shard does
         for small batches (Generator.decode_ahead): joins, leaves and cancels then meet it."""
-        model = load_model(model_dir, torch.device("cpu"), "float32", gguf_file=gguf_file)
+        model = load_model(model_dir, DEVICE, "float32", gguf_file=gguf_file)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.generator = Generator(model, self.tokenizer, eos, block_size)
         self.generator.allocate_kv_cache(num_blocks)

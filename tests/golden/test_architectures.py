@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tests.golden.harness import Harness
+from tests.golden.harness import DEVICE, Harness
 from tests.golden.tiny_models import ARCHS, build, reference_greedy
 
 NEW_TOKENS = 64
@@ -56,12 +56,12 @@ def test_prefill_raw_logits_match(arch) -> None:  # type: ignore[no-untyped-def]
     from tgserve.shard.runner import prepare_prefill
 
     state = h.generator._request_state(req)
-    inputs = prepare_prefill([state], [0], torch.device("cpu"))
+    inputs = prepare_prefill([state], [0], DEVICE)
     inputs.logit_rows = None
     logits, _ = h.generator._forward(inputs)
     with torch.no_grad():
         ref = reference(torch.tensor([ids])).logits[0].float()
-    assert (logits - ref).abs().max().item() < 1e-4
+    assert (logits.cpu() - ref).abs().max().item() < 1e-4
 
 
 def test_greedy_alone_matches_transformers(arch) -> None:  # type: ignore[no-untyped-def]
