@@ -330,11 +330,14 @@ def test_traceparent_continues_into_router_and_shard_spans(
                                                                       "ignore_eos": True}})
     assert r.status_code == 200
 
-    def names() -> set[str]:
-        return {s.name for s in received.of_trace(trace_id)}
+    def all_there() -> bool:
+        # Spans reach the collector in export batches, so the second Decode may come later than
+        # the first: wait for both, not for each name once.
+        names = [s.name for s in received.of_trace(trace_id)]
+        return {"POST /generate", "prefill", "decode", "Prefill"} <= set(names) \
+            and names.count("Decode") >= 2
 
-    wait_for(lambda: {"POST /generate", "prefill", "decode", "Prefill", "Decode"} <= names(),
-             "the router's and the shard's spans")
+    wait_for(all_there, "the router's and the shard's spans")
     spans = received.of_trace(trace_id)
     by_name: dict[str, list[ReceivedSpan]] = {}
     for s in spans:
