@@ -28,16 +28,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _timed(n: int, fn: Callable[[], Awaitable[object]]) -> Awaitable[tuple[float, float]]:
-    async def run() -> tuple[float, float]:
-        for _ in range(n // 10):  # warm-up
-            await fn()
-        cpu, wall = time.process_time(), time.perf_counter()
-        for _ in range(n):
-            await fn()
-        return (time.perf_counter() - wall) / n, (time.process_time() - cpu) / n
-
-    return run()
+async def _timed(n: int, fn: Callable[[], Awaitable[object]]) -> tuple[float, float]:
+    """(wall, CPU) seconds per call of `fn`, after a tenth as many warm-up calls."""
+    for _ in range(n // 10):
+        await fn()
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(n):
+        await fn()
+    return (time.perf_counter() - wall) / n, (time.process_time() - cpu) / n
 
 
 def _echo_server(path: str) -> None:
@@ -185,23 +183,16 @@ def _burn(busy_ms: float, period_ms: float) -> None:
 def contention(steps: int = 48, busy_ms: float = 2.4, period_ms: float = 25.0) -> None:
     from tgserve.launcher.weights import resolve_model
 
-    sys.path.insert(0, str(ROOT))
+    sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+    from engine_bench import tgserve_decode  # the engine's batch-1 steps, timed the same way
     from tests.golden.harness import Harness
 
     source = resolve_model(None, None, None, Path.home() / ".cache" / "tgserve")
     h = Harness(source.path, num_blocks=64, gguf_file=source.gguf_file)
 
     def step_ms() -> float:
-        h.outputs.clear()
-        h._free_blocks = list(range(1, 64))
-        h.add([h.request(1, [(13 * j) % 40000 + 100 for j in range(256)], steps + 2)])
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            h.step()
-            times.append(time.perf_counter() - start)
-        h.run_to_end()
-        return statistics.median(times) * 1e3
+        tokens_per_s, _ = tgserve_decode(h, 1, 256, steps)
+        return 1e3 / tokens_per_s
 
     share = busy_ms / (busy_ms + period_ms)
     print(f"\ncontention: batch-1 decode step at 256 positions, median of {steps}, alternating")
