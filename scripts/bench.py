@@ -64,6 +64,9 @@ def tgserve_command(port: int) -> list[str]:
         str(TGSERVE), "--hostname", "127.0.0.1", "--port", str(port),
         "--prometheus-port", str(free_port()), "--master-port", str(free_port()),
         "--shard-uds-path", uds, "--dtype", "float32",
+        # float32 weights and arithmetic, K and V stored in float16: llama-server's default cache
+        # type (f16) for its F32 model, so both keep the same bytes per cached token.
+        "--kv-cache-dtype", "float16",
     ]  # fmt: skip
 
 

@@ -39,12 +39,14 @@ class Harness:
         gguf_file: Path | None = None,
         eos: frozenset[int] = frozenset(),
         ahead: bool = False,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         """With `ahead`, every step's batch has its next step computed at once, as a shard does
         for small batches (Generator.decode_ahead): joins, leaves and cancels then meet it."""
         model = load_model(model_dir, DEVICE, "float32", gguf_file=gguf_file)
+        self.model_dir, self.gguf_file = model_dir, gguf_file
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.generator = Generator(model, self.tokenizer, eos, block_size)
+        self.generator = Generator(model, self.tokenizer, eos, block_size, kv_dtype=kv_dtype)
         self.generator.allocate_kv_cache(num_blocks)
         self.block_size = block_size
         self.ahead = ahead

@@ -69,12 +69,14 @@ def test_silu_mul_matches_swiglu(rows: int) -> None:
     torch.testing.assert_close(cpu_kernels.silu_mul(gate_up), F.silu(gate) * up)
 
 
-def _rotary_case(tokens: int, heads: int, kv_heads: int, dim: int, seed: int):  # type: ignore[no-untyped-def]
+def _rotary_case(  # type: ignore[no-untyped-def]
+    tokens: int, heads: int, kv_heads: int, dim: int, seed: int, dtype: torch.dtype = torch.float32
+):
     gen = torch.Generator().manual_seed(seed)
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen)
     angles = torch.rand(tokens, dim // 2, generator=gen) * 100
     emb = torch.cat([angles, angles], dim=-1)
-    cache = KVCache.allocate(1, 8, 16, kv_heads, dim, torch.float32, torch.device("cpu"))
+    cache = KVCache.allocate(1, 8, 16, kv_heads, dim, dtype, torch.device("cpu"))
     slots = torch.randperm(cache.num_slots, generator=gen)[:tokens]
     return qkv, emb.cos(), emb.sin(), cache, slots
 
@@ -101,6 +103,34 @@ def test_rotary_store_kv_rotates_q_k_and_fills_the_slots(
     untouched = torch.ones(cache.num_slots, dtype=torch.bool)
     untouched[slots] = False
     assert cache.keys[0][untouched].abs().sum() == 0 and cache.values[0][untouched].abs().sum() == 0
+
+
+@needs_kernel
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (2, 1, 6)])
+def test_rotary_store_kv_rounds_into_a_float16_cache_as_torch_does(
+    heads: int, kv_heads: int, dim: int
+) -> None:
+    qkv, cos, sin, cache, slots = _rotary_case(19, heads, kv_heads, dim, dim, torch.float16)
+    # Values beyond float16's range and below its normals round the way .half() rounds them;
+    # the rotation itself is checked against apply_rotary above.
+    qkv[0, :] *= 1e5
+    qkv[1, :] *= 1e-6
+    cpu_kernels.rotary_store_kv(
+        qkv, cos, sin, cache.keys[0], cache.values[0], slots, heads, kv_heads, dim
+    )
+    q_k_v = [heads * dim, kv_heads * dim, kv_heads * dim]
+    _, k, v = qkv.split(q_k_v, dim=-1)  # rotated in place, in float32
+    assert cache.keys[0].dtype == torch.float16
+    torch.testing.assert_close(
+        cache.keys[0][slots], k.reshape(-1, kv_heads, dim).half(), rtol=0, atol=0, equal_nan=True
+    )
+    torch.testing.assert_close(
+        cache.values[0][slots], v.reshape(-1, kv_heads, dim).half(), rtol=0, atol=0
+    )
+    with pytest.raises(RuntimeError, match="both float32 or both float16"):
+        cpu_kernels.rotary_store_kv(
+            qkv, cos, sin, cache.keys[0], cache.values[0].float(), slots, heads, kv_heads, dim
+        )
 
 
 @needs_kernel

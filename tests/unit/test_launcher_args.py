@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tgserve.launcher.args import parse
-from tgserve.launcher.supervisor import router_argv
+from tgserve.launcher.supervisor import router_argv, shard_argv
 from tgserve.launcher.weights import ModelSource
 
 
@@ -42,6 +42,7 @@ def test_legacy_alias_and_conflict(capsys: pytest.CaptureFixture[str]) -> None:
         (["--quantize", "nope"], "is not a method"),
         (["--quantize", "gptq"], "not implemented yet"),
         (["--speculate", "2"], "--speculate is not implemented yet"),
+        (["--kv-cache-dtype", "fp8_e5m2"], "'fp8_e5m2' is not implemented in tgserve"),
         (["--max-batch-size", "0"], "must be > 0"),
     ],
 )
@@ -58,3 +59,10 @@ def test_router_gets_the_limits() -> None:
     joined = " ".join(argv)
     assert "--max-total-tokens 2048" in joined and "--api-key k" in joined
     assert "--cors-allow-origin https://x" in joined and "--max-input-tokens" not in joined
+
+
+def test_kv_cache_dtype_reaches_the_shards() -> None:
+    source = ModelSource("m", __import__("pathlib").Path("/m"), None, None)
+    argv = shard_argv(parse(["--kv-cache-dtype", "float16"]), source, 0, 1)
+    assert argv[argv.index("--kv-cache-dtype") + 1] == "float16"
+    assert "--kv-cache-dtype" not in shard_argv(parse([]), source, 0, 1)  # the model's dtype

@@ -76,6 +76,29 @@ def test_matches_reference_over_random_shapes(dim: int, window: int) -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("dim", [20, 64])
+def test_float16_cache_is_read_as_its_float_values(dim: int) -> None:
+    """A float16 cache gives what the float32 kernel gives on the same rounded values (only
+    storage is half; the arithmetic is the same float32), in every task layout. Bit for bit where
+    head_dim is whole vectors; the scalar tail of dim 20 may contract into FMAs differently."""
+    gen = torch.Generator().manual_seed(dim)
+    for trial, batch in enumerate((1, 3, 13, 40)):
+        q, k_cache, v_cache, kv_index, lengths = random_case(gen, batch, 1 + trial, 3, dim)
+        k16, v16 = k_cache.half(), v_cache.half()
+        for window in (0, 7):
+            got = cpu_kernels.paged_decode_attention(q, k16, v16, kv_index, lengths, 0.1, window)
+            want = cpu_kernels.paged_decode_attention(
+                q, k16.float(), v16.float(), kv_index, lengths, 0.1, window
+            )
+            tol = 0.0 if dim % 16 == 0 else 1e-6
+            torch.testing.assert_close(got, want, rtol=10 * tol, atol=tol)
+            torch.testing.assert_close(
+                got, reference(q, k16.float(), v16.float(), kv_index, lengths, 0.1, window),
+                atol=1e-5, rtol=1e-5,
+            )  # fmt: skip
+
+
+@needs_kernel
 def test_large_head_dim_and_padding_slots_are_ignored() -> None:
     gen = torch.Generator().manual_seed(1)
     q, k_cache, v_cache, kv_index, lengths = random_case(gen, 4, 2, 4, 256)

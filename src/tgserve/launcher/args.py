@@ -39,7 +39,7 @@ FLAGS: list[tuple[str, Callable[[str], Any] | None, Any, str]] = [
     ("--quantize", str, None, "Quantization method (validated; see README)"),
     ("--speculate", int, None, "Speculative tokens per step"),
     ("--dtype", str, None, "float32, float16 or bfloat16 (default: float32 on CPU)"),
-    ("--kv-cache-dtype", str, None, "KV cache dtype (default: the model dtype)"),
+    ("--kv-cache-dtype", str, None, "KV cache dtype: float16, bfloat16 or float32 (default: the model dtype)"),
     ("--trust-remote-code", None, False, "Accepted for compatibility; tgserve runs no hub code"),
     ("--max-concurrent-requests", _positive(int), 128, "Over this, requests get 429"),
     ("--max-best-of", int, 2, "Upper bound of best_of"),
@@ -93,6 +93,10 @@ FLAGS: list[tuple[str, Callable[[str], Any] | None, Any, str]] = [
 
 REPEATABLE = {"--cors-allow-origin"}
 
+# float16 halves the cache's memory and the bytes decode attention reads; the CPU kernels widen
+# it to float32 as they load it (llama.cpp's default cache type is f16 too).
+KV_CACHE_DTYPES = ("float16", "bfloat16", "float32")
+
 QUANTIZE_METHODS = (
     "awq", "compressed-tensors", "eetq", "exl2", "gptq", "marlin", "bitsandbytes",
     "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8",
@@ -136,9 +140,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             f"`max_input_tokens`({args.max_input_tokens}) must be < "
             f"`max_total_tokens`({args.max_total_tokens})"
         )
-    for flag, value in (("--speculate", args.speculate), ("--kv-cache-dtype", args.kv_cache_dtype),
-                        ("--lora-adapters", args.lora_adapters), ("--rope-scaling", args.rope_scaling),
-                        ("--rope-factor", args.rope_factor)):
+    if args.kv_cache_dtype is not None and args.kv_cache_dtype not in KV_CACHE_DTYPES:
+        # TGI's fp8_e4m3fn / fp8_e5m2 included: refused rather than served in another dtype.
+        parser.error(
+            f"--kv-cache-dtype {args.kv_cache_dtype!r} is not implemented in tgserve; "
+            f"one of: {', '.join(KV_CACHE_DTYPES)}"
+        )
+    for flag, value in (("--speculate", args.speculate), ("--lora-adapters", args.lora_adapters),
+                        ("--rope-scaling", args.rope_scaling), ("--rope-factor", args.rope_factor)):
         if value:
             # Refuse rather than run without what the user asked for.
             parser.error(f"{flag} is not implemented yet in tgserve")

@@ -33,6 +33,8 @@ def shard_argv(args: argparse.Namespace, source: ModelSource, rank: int, world: 
         argv += ["--gguf-file", str(source.gguf_file)]
     if args.dtype:
         argv += ["--dtype", args.dtype]
+    if args.kv_cache_dtype:
+        argv += ["--kv-cache-dtype", args.kv_cache_dtype]
     if args.kv_cache_memory:
         argv += ["--kv-cache-memory", args.kv_cache_memory]
     if args.json_output:

@@ -76,8 +76,10 @@ class Generator:
         eos_token_ids: frozenset[int],
         block_size: int = 16,
         release_finished_kv: bool = False,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
+        self.kv_dtype = kv_dtype or model.dtype
         # Without a prefix cache nothing reads a finished request's blocks again: their pages can
         # go back to the OS at once (the router hands the blocks out again only after it has seen
         # the request finish, and writing them faults in fresh zero pages).
@@ -98,12 +100,12 @@ class Generator:
         self.kv_cache = None  # free the old cache before allocating the new one
         self.kv_cache = KVCache.allocate(
             d.num_layers, num_blocks, self.block_size, d.num_kv_heads, d.head_dim,
-            self.model.dtype, self.device,
+            self.kv_dtype, self.device,
         )
 
     def kv_bytes_per_token(self) -> int:
         d = self.model.dims
-        return KVCache.bytes_per_token(d.num_layers, d.num_kv_heads, d.head_dim, self.model.dtype)
+        return KVCache.bytes_per_token(d.num_layers, d.num_kv_heads, d.head_dim, self.kv_dtype)
 
     # -- batch cache ------------------------------------------------------------------------
 
@@ -395,6 +397,6 @@ def warmup(
     capacity = num_blocks * generator.block_size
     total = max_total_tokens or min(capacity, max_position_embeddings)
     inputs = max_input_tokens or total - 1
-    log.info("warmup: %d KV tokens in %d blocks, in %.2fs", capacity, num_blocks,
-             time.perf_counter() - start)
+    log.info("warmup: %d KV tokens (%s) in %d blocks, in %.2fs", capacity,
+             str(generator.kv_dtype).removeprefix("torch."), num_blocks, time.perf_counter() - start)
     return WarmupResult(capacity, inputs, total)

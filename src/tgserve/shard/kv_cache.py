@@ -82,9 +82,9 @@ class KVCache:
         return 2 * num_layers * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: [T, kv_heads, head_dim] for the T slots given."""
-        self.keys[layer].index_copy_(0, slots, k)
-        self.values[layer].index_copy_(0, slots, v)
+        """k, v: [T, kv_heads, head_dim] for the T slots given, rounded to the cache's dtype."""
+        self.keys[layer].index_copy_(0, slots, k.to(self.keys[layer].dtype))
+        self.values[layer].index_copy_(0, slots, v.to(self.values[layer].dtype))
 
 
 def _runs(sorted_slots: list[int]) -> list[tuple[int, int]]:

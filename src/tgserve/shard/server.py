@@ -20,7 +20,7 @@ from tgserve.memory import release_free_memory, recycle_step_buffers
 from tgserve.pb import generate_pb2_grpc as pb_grpc
 from tgserve.router.tracing import setup_tracing
 from tgserve.shard.generator import Generator
-from tgserve.shard.loading.loaders import load_model
+from tgserve.shard.loading.loaders import DTYPES, load_model
 from tgserve.shard.service import ShardSettings, TextGenerationService
 
 log = logging.getLogger("tgserve.shard")
@@ -83,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR", "localhost"))
     p.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT", 29500)))
     p.add_argument("--dtype")
+    p.add_argument("--kv-cache-dtype", choices=sorted(DTYPES), help="default: the model's dtype")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-memory", type=parse_bytes)
@@ -122,8 +123,9 @@ async def serve(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(args.model_path))
     release_free_memory()  # what loading freed (e.g. GGUF dequantization buffers): ~300 MB
     eos = eos_token_ids(args.model_path, tokenizer, model.config)
+    kv_dtype = DTYPES[args.kv_cache_dtype] if args.kv_cache_dtype else None
     generator = Generator(model, tokenizer, eos, args.block_size,
-                          release_finished_kv=not prefix_caching())
+                          release_finished_kv=not prefix_caching(), kv_dtype=kv_dtype)
     urls = tuple(f"unix://{args.uds_path}-{r}" for r in range(args.world_size))
     settings = ShardSettings(
         model_type=model.config.model_type,

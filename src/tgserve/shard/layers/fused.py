@@ -17,3 +17,12 @@ def cpu_kernels_fit(*tensors: torch.Tensor) -> bool:
         if t.device.type != "cpu" or t.dtype != torch.float32 or t.requires_grad:
             return False
     return cpu_kernels.available()
+
+
+# What the kernels read and write a KV cache in: float32, or float16 widened as it is loaded.
+KERNEL_KV_DTYPES = (torch.float32, torch.float16)
+
+
+def cpu_kernels_fit_cache(cache: torch.Tensor) -> bool:
+    """True when the kernels may read and write this layer's K or V cache."""
+    return cache.device.type == "cpu" and cache.dtype in KERNEL_KV_DTYPES

@@ -11,7 +11,7 @@ from transformers import PretrainedConfig
 from tgserve.shard.kv_cache import KVCache
 from tgserve.shard.layers.attention import AttentionMetadata, cpu_kernels, get_backend
 from tgserve.shard.layers.embedding import Embedding, LMHead, load_embedding, load_lm_head
-from tgserve.shard.layers.fused import cpu_kernels_fit
+from tgserve.shard.layers.fused import cpu_kernels_fit, cpu_kernels_fit_cache
 from tgserve.shard.layers.linear import Linear, RowLinear, load_column, load_row
 from tgserve.shard.layers.mlp import GatedMLP, load_gated_mlp
 from tgserve.shard.layers.norm import RMSNorm, load_rms_norm
@@ -50,7 +50,11 @@ class LlamaAttention:
         d = self.dims
         qkv = self.qkv(x)
         keys, values = kv_cache.keys[self.layer], kv_cache.values[self.layer]
-        stored = cos.shape[-1] == d.head_dim and cpu_kernels_fit(qkv, cos, keys)
+        stored = (
+            cos.shape[-1] == d.head_dim
+            and cpu_kernels_fit(qkv, cos)
+            and cpu_kernels_fit_cache(keys)
+        )
         if stored:  # RoPE in place and the KV write, in one pass
             cpu_kernels.rotary_store_kv(
                 qkv, cos.view(-1, d.head_dim), sin.view(-1, d.head_dim), keys, values,
@@ -106,7 +110,8 @@ class LlamaLayer:
             self.fused_decode
             and meta.prefill is None
             and cos.shape[-1] == d.head_dim
-            and cpu_kernels_fit(hidden, kv_cache.keys[self.attention.layer])
+            and cpu_kernels_fit(hidden)
+            and cpu_kernels_fit_cache(kv_cache.keys[self.attention.layer])
         ):
             return self._decode(hidden, residual, cos, sin, kv_cache, meta)
         if residual is None:

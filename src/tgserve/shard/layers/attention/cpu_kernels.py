@@ -50,7 +50,7 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """softmax(q·kᵀ·scale)·v over each row's cached context, read in place through the slot index.
 
-    q: [B, H, D] float32; k_cache/v_cache: [N, Hkv, D]; kv_index: [B, L] int64 slots, of which row b
+    q: [B, H, D] float32; k_cache/v_cache: [N, Hkv, D], both float32 or both float16; kv_index: [B, L] int64 slots, of which row b
     uses the first lengths[b]; window > 0 keeps only each row's last `window` positions.
     Returns [B, H, D]; a row with length 0 gives zeros.
     """
@@ -109,7 +109,8 @@ def rotary_store_kv(
     dim: int,
 ) -> None:
     """In place on qkv [T, (H + 2 Hkv) D]: rotate-half RoPE of the q and k heads (cos/sin [T, D]);
-    then each token's k and v go to its slot of k_cache/v_cache [N, Hkv, D]."""
+    then each token's k and v go to its slot of k_cache/v_cache [N, Hkv, D] (float32, or float16
+    rounded to nearest as torch rounds)."""
     _ops().rotary_store_kv(qkv, cos, sin, k_cache, v_cache, slots, heads, kv_heads, dim)
 
 
@@ -129,8 +130,8 @@ def greedy_choice(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def compile_flags(capability: str) -> list[str]:
     """-march=native would tie the cached binary to the build host; AVX2+FMA only where supported."""
     flags = ["-O3", "-fopenmp"]
-    if capability in _AVX2_CAPABILITIES:
-        flags += ["-mavx2", "-mfma"]
+    if capability in _AVX2_CAPABILITIES:  # F16C: every AVX2 CPU has it (float16 KV cache rows)
+        flags += ["-mavx2", "-mfma", "-mf16c"]
     if capability == "AVX512":  # 32 registers of 16 floats: the packed linear's wider tiles
         flags += ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq"]
     return flags

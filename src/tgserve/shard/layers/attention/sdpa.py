@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from tgserve.shard.kv_cache import KVCache
 from tgserve.shard.layers.attention import cpu_kernels
 from tgserve.shard.layers.attention.metadata import AttentionMetadata, PrefillSequence
+from tgserve.shard.layers.fused import cpu_kernels_fit, cpu_kernels_fit_cache
 
 
 def sdpa_attention(
@@ -54,8 +55,9 @@ def _prefill(
             ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)  # [Hkv, n, D]
         else:
             assert seq.kv_slots is not None
-            ks = kv_cache.keys[layer].index_select(0, seq.kv_slots).transpose(0, 1)  # [Hkv, c+n, D]
-            vs = kv_cache.values[layer].index_select(0, seq.kv_slots).transpose(0, 1)
+            # [Hkv, c+n, D], in q's dtype whatever the cache's (--kv-cache-dtype)
+            ks = kv_cache.keys[layer].index_select(0, seq.kv_slots).to(q.dtype).transpose(0, 1)
+            vs = kv_cache.values[layer].index_select(0, seq.kv_slots).to(q.dtype).transpose(0, 1)
         # Batched 4-d inputs with the kv heads repeated: torch's CPU flash kernel takes those
         # (about 3x faster than the math path that enable_gqa or 3-d inputs fall back to).
         group = qs.shape[0] // ks.shape[0]
@@ -96,13 +98,13 @@ def _decode(
 ) -> torch.Tensor:
     assert meta.kv_index is not None and meta.kv_lengths is not None
     keys, values = kv_cache.keys[layer], kv_cache.values[layer]
-    if q.device.type == "cpu" and q.dtype == keys.dtype == torch.float32 and cpu_kernels.available():
+    if cpu_kernels_fit(q) and cpu_kernels_fit_cache(keys):
         # Reads K/V in place through the slot index: no per-layer copy of every row's context.
         return cpu_kernels.paged_decode_attention(
             q, keys, values, meta.kv_index, meta.kv_lengths, scale, window or 0
         )
-    keys = _gather(keys, meta.kv_index)  # [B, Hkv, L, D]
-    values = _gather(values, meta.kv_index)
+    keys = _gather(keys, meta.kv_index).to(q.dtype)  # [B, Hkv, L, D]
+    values = _gather(values, meta.kv_index).to(q.dtype)
     o = F.scaled_dot_product_attention(
         q.unsqueeze(2),  # [B, H, 1, D]
         keys,

@@ -12,6 +12,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 
@@ -120,7 +121,8 @@ inline void rotate_head(float* x, const float* cos, const float* sin, int64_t d)
 }
 
 // On the fused qkv output [T, (H + 2·Hkv)·D]: RoPE on the q and k heads in place, then the rotated
-// k and the v of token t stored at slot slots[t] of this layer's caches ([N, Hkv, D] each).
+// k and the v of token t stored at slot slots[t] of this layer's caches ([N, Hkv, D] each,
+// float32 or float16).
 void rotary_store_kv(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                      at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots,
                      int64_t heads, int64_t kv_heads, int64_t dim) {
@@ -132,10 +134,12 @@ void rotary_store_kv(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& s
     TORCH_CHECK(c->dim() == 2 && c->size(0) == t && c->size(1) == dim && c->is_contiguous() &&
                     c->scalar_type() == at::kFloat, "cos/sin must be contiguous [T, D] float32");
   }
+  const bool half = k_cache.scalar_type() == at::kHalf;
   for (const at::Tensor* c : {&k_cache, &v_cache}) {
     TORCH_CHECK(c->dim() == 3 && c->size(1) == kv_heads && c->size(2) == dim &&
-                    c->is_contiguous() && c->scalar_type() == at::kFloat,
-                "caches must be contiguous [N, Hkv, D] float32");
+                    c->is_contiguous() && c->scalar_type() == k_cache.scalar_type() &&
+                    (c->scalar_type() == at::kFloat || half),
+                "caches must be contiguous [N, Hkv, D], both float32 or both float16");
   }
   TORCH_CHECK(slots.dim() == 1 && slots.size(0) == t && slots.scalar_type() == at::kLong &&
                   slots.is_contiguous(), "slots must be [T] int64");
@@ -145,16 +149,21 @@ void rotary_store_kv(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& s
     TORCH_CHECK(sp[i] >= 0 && sp[i] < num_slots, "slot ", sp[i], " outside [0, ", num_slots, ")");
   float* base = qkv.data_ptr<float>();
   const float *cp = cos.data_ptr<float>(), *snp = sin.data_ptr<float>();
-  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  void *kc = k_cache.data_ptr(), *vc = v_cache.data_ptr();
   at::parallel_for(0, t, kRowGrain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float* x = base + r * qs;
       const float *c = cp + r * dim, *s = snp + r * dim;
       for (int64_t h = 0; h < heads + kv_heads; ++h) rotate_head(x + h * dim, c, s, dim);
       const float *k = x + heads * dim, *v = k + row;
-      float *kd = kc + sp[r] * row, *vd = vc + sp[r] * row;
-      for (int64_t i = 0; i < row; ++i) kd[i] = k[i];
-      for (int64_t i = 0; i < row; ++i) vd[i] = v[i];
+      const int64_t at = sp[r] * row;
+      if (half) {  // a float16 cache: k and v rounded as they are stored
+        simd::store_halves(static_cast<c10::Half*>(kc) + at, k, row);
+        simd::store_halves(static_cast<c10::Half*>(vc) + at, v, row);
+      } else {
+        std::copy(k, k + row, static_cast<float*>(kc) + at);
+        std::copy(v, v + row, static_cast<float*>(vc) + at);
+      }
     }
   });
 }

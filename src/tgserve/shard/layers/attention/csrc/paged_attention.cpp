@@ -13,6 +13,10 @@
 // most of its time on the software prefetches, which wait for free fill buffers. Prefetch hints
 // (to L1, L2 or L3), distances of 4-32 positions, prefetches spread between the heads' dot
 // products, and 2 MiB pages for the cache all measured within noise of each other there.
+//
+// The cache may be float16 (--kv-cache-dtype float16): its rows are widened to float as they are
+// loaded and all arithmetic stays float32, so only the stored K and V are rounded, and the bytes
+// this memory-bound kernel reads are halved.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -41,7 +45,9 @@ using tgserve_simd::kLanes;
 using tgserve_simd::load;
 using vf = tgserve_simd::vec;
 
-inline float dot(const float* a, const float* b, int64_t n) {
+// T is the cache's element type: float, or c10::Half for a float16 cache (widened on load).
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
   vf acc0 = {}, acc1 = {};  // two chains, so each FMA need not wait for the previous one
   int64_t i = 0;
   for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
@@ -50,13 +56,13 @@ inline float dot(const float* a, const float* b, int64_t n) {
   }
   for (; i + kLanes <= n; i += kLanes) acc0 += load(a + i) * load(b + i);
   float s = tgserve_simd::hsum(acc0 + acc1);
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
   return s;
 }
 
 // out[c : c + 8V] += sum_i w[i] * rows[i][c : c + 8V], the partial sum kept in registers over rows.
-template <int64_t V>
-inline void weighted_rows(const float* w, const float* const* rows, int64_t n, int64_t c,
+template <int64_t V, typename T>
+inline void weighted_rows(const float* w, const T* const* rows, int64_t n, int64_t c,
                           float* out) {
   vf acc[V];
   for (int64_t j = 0; j < V; ++j) acc[j] = load(out + c + j * kLanes);
@@ -70,16 +76,18 @@ inline void scale_in_place(float w, float* y, int64_t n) {
 }
 
 // A prefetch never faults, so it may run before the slot it uses is range-checked.
-inline void prefetch_row(const float* row, int64_t n) {
-  for (int64_t i = 0; i < n; i += 64 / sizeof(float)) __builtin_prefetch(row + i);
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+  for (int64_t i = 0; i < n; i += 64 / sizeof(T)) __builtin_prefetch(row + i);
 }
 
 // Everything one task reads: kv heads [h0, h0 + kv_heads) of one row, and their query heads.
 // K/V pointers are already offset to kv head h0.
+template <typename T>
 struct Task {
   const float* q;  // [heads, D], unscaled: heads = kv_heads * group
   float scale;
-  const float *k, *v;  // slot s's row starts at k + s * k_stride; kv head j at + j * k_head
+  const T *k, *v;  // slot s's row starts at k + s * k_stride; kv head j at + j * k_head
   int64_t k_stride, v_stride, k_head, v_head;
   const int64_t* slots;  // this row's context slots; positions [begin, end) are attended
   int64_t begin, end, num_slots, kv_heads, group, dim;
@@ -88,9 +96,10 @@ struct Task {
 };
 
 // Per-thread scratch, reused across tasks so the hot loop never allocates.
+template <typename T>
 struct Scratch {
   std::vector<float> q, scores, max, sum;  // q: [heads, D], scores: [heads, kBlock]
-  const float* rows[kBlock];
+  const T* rows[kBlock];
   Scratch(int64_t heads, int64_t dim)
       : q(heads * dim), scores(heads * kBlock), max(heads), sum(heads) {}
 };
@@ -98,7 +107,8 @@ struct Scratch {
 // out[i] = q · rows[i][0:d] for kLanes rows: each row's products summed along d in one vector, then
 // all kLanes vectors reduced together (transpose_sum). A horizontal sum per score, as dot() ends
 // with, made scoring three quarters of the kernel's time at batch 64 (K and V in cache).
-inline void dots(const float* q, const float* const* rows, int64_t d, float* out) {
+template <typename T>
+inline void dots(const float* q, const T* const* rows, int64_t d, float* out) {
   vf acc[kLanes];
 #pragma GCC unroll 16
   for (int64_t i = 0; i < kLanes; ++i) acc[i] = load(q) * load(rows[i]);
@@ -112,11 +122,12 @@ inline void dots(const float* q, const float* const* rows, int64_t d, float* out
 
 // Scores of positions [b0, b0 + n) for every head; false if a slot is out of range. kLanes
 // positions at a time, so that their K rows meet every query head from L1.
-bool score_block(const Task& t, Scratch& s, int64_t b0, int64_t n) {
+template <typename T>
+bool score_block(const Task<T>& t, Scratch<T>& s, int64_t b0, int64_t n) {
   const int64_t d = t.dim;
   const int64_t k_span = (t.kv_heads - 1) * t.k_head + d;  // this task's part of a slot row
   const int64_t v_span = (t.kv_heads - 1) * t.v_head + d;
-  const float* rows[kLanes];
+  const T* rows[kLanes];
   for (int64_t i0 = 0; i0 < n; i0 += kLanes) {
     const int64_t m = std::min(kLanes, n - i0);
     for (int64_t i = 0; i < m; ++i) {
@@ -130,7 +141,7 @@ bool score_block(const Task& t, Scratch& s, int64_t b0, int64_t n) {
     }
     const bool whole = m == kLanes && d % kLanes == 0;
     for (int64_t kh = 0; kh < t.kv_heads; ++kh) {
-      const float* head_rows[kLanes];  // kv head kh of each position, shared by its query heads
+      const T* head_rows[kLanes];  // kv head kh of each position, shared by its query heads
       for (int64_t i = 0; i < m; ++i) head_rows[i] = rows[i] + kh * t.k_head;
       for (int64_t g = 0; g < t.group; ++g) {
         const int64_t h = kh * t.group + g;
@@ -147,7 +158,8 @@ bool score_block(const Task& t, Scratch& s, int64_t b0, int64_t n) {
 }
 
 // Scores become exp(score - running max); the accumulator and sum are rescaled to the new max.
-void softmax_block(const Task& t, Scratch& s, int64_t n) {
+template <typename T>
+void softmax_block(const Task<T>& t, Scratch<T>& s, int64_t n) {
   for (int64_t h = 0; h < t.heads(); ++h) {
     float* sc = &s.scores[h * kBlock];
     const float m = std::max(s.max[h], *std::max_element(sc, sc + n));
@@ -167,7 +179,8 @@ void softmax_block(const Task& t, Scratch& s, int64_t n) {
   }
 }
 
-void accumulate_block(const Task& t, Scratch& s, int64_t b0, int64_t n) {
+template <typename T>
+void accumulate_block(const Task<T>& t, Scratch<T>& s, int64_t b0, int64_t n) {
   for (int64_t h = 0; h < t.heads(); ++h) {
     // The V rows of the kv head this query head reads.
     const int64_t offset = (h / t.group) * t.v_head;
@@ -179,13 +192,14 @@ void accumulate_block(const Task& t, Scratch& s, int64_t b0, int64_t n) {
     for (; c + 2 * kLanes <= t.dim; c += 2 * kLanes) weighted_rows<2>(w, s.rows, n, c, o);
     for (; c + kLanes <= t.dim; c += kLanes) weighted_rows<1>(w, s.rows, n, c, o);
     for (; c < t.dim; ++c)
-      for (int64_t i = 0; i < n; ++i) o[c] += w[i] * s.rows[i][c];
+      for (int64_t i = 0; i < n; ++i) o[c] += w[i] * static_cast<float>(s.rows[i][c]);
   }
 }
 
 // False if a slot is out of range: the caller raises after the parallel loop, because an exception
 // escaping an OpenMP region terminates the process.
-bool attend(const Task& t, Scratch& s) {
+template <typename T>
+bool attend(const Task<T>& t, Scratch<T>& s) {
   std::fill(t.out, t.out + t.heads() * t.dim, 0.f);
   std::fill(s.max.begin(), s.max.end(), -std::numeric_limits<float>::infinity());
   std::fill(s.sum.begin(), s.sum.end(), 0.f);
@@ -205,8 +219,10 @@ bool attend(const Task& t, Scratch& s) {
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& kv_index, const at::Tensor& lengths) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k_cache, v_cache must be 3-d");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
-                  v.scalar_type() == at::kFloat, "paged_decode_attention supports float32 only");
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "paged_decode_attention takes a float32 q");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() &&
+                  (k.scalar_type() == at::kFloat || k.scalar_type() == at::kHalf),
+              "the K and V caches must both be float32 or both float16");
   TORCH_CHECK(q.is_cpu() && k.is_cpu() && v.is_cpu(), "CPU tensors only");
   TORCH_CHECK(k.sizes() == v.sizes(), "k_cache and v_cache shapes differ");
   TORCH_CHECK(q.size(2) == k.size(2), "q and cache head_dim differ");
@@ -218,6 +234,41 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == q.size(0), "lengths must be [B]");
   TORCH_CHECK(kv_index.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong,
               "kv_index and lengths must be int64");
+}
+
+// Every row's attention into out [B, H, D]; false if some slot is out of range.
+template <typename T>
+bool attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                const at::Tensor& kv_index, const int64_t* len, double scale, int64_t window,
+                at::Tensor& out) {
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = k.size(1), group = heads / kv_heads;
+  const float* qp = q.data_ptr<float>();
+  const T *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+  const int64_t* idx = kv_index.data_ptr<int64_t>();
+  const int64_t idx_stride = kv_index.stride(0);
+  float* op = out.data_ptr<float>();
+  // Whole rows per task once there are a few rows per thread; otherwise one kv head per task.
+  const int64_t per_task = batch >= 4 * omp_get_max_threads() ? kv_heads : 1;
+  const int64_t tasks_per_row = kv_heads / per_task;
+  bool bad_slot = false;
+#pragma omp parallel reduction(|| : bad_slot)
+  {
+    Scratch<T> scratch(per_task * group, dim);
+    // Dynamic schedule: rows differ in length, so equal task counts are not equal work.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < batch * tasks_per_row; ++task) {
+      const int64_t b = task / tasks_per_row, h = (task % tasks_per_row) * per_task;
+      const int64_t begin = window > 0 ? std::max<int64_t>(0, len[b] - window) : 0;
+      const int64_t head0 = (b * heads + h * group) * dim;  // first query head of kv head h
+      const Task<T> t{qp + head0, static_cast<float>(scale), kp + h * k.stride(1),
+                      vp + h * v.stride(1), k.stride(0), v.stride(0), k.stride(1), v.stride(1),
+                      idx + b * idx_stride, begin,
+                      len[b], k.size(0), per_task, group, dim, op + head0};
+      if (!attend(t, scratch)) bad_slot = true;
+    }
+  }
+  return !bad_slot;
 }
 
 }  // namespace
@@ -232,37 +283,15 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k, c
   const at::Tensor q = q_in.contiguous(), lengths = lengths_in.contiguous();
   // A column slice of a wider slot table is read in place: only its rows must be unit-stride.
   const at::Tensor kv_index = kv_index_in.stride(1) == 1 ? kv_index_in : kv_index_in.contiguous();
-  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
-  const int64_t kv_heads = k.size(1), group = heads / kv_heads, max_len = kv_index.size(1);
+  const int64_t batch = q.size(0), max_len = kv_index.size(1);
   const int64_t* len = lengths.data_ptr<int64_t>();
   for (int64_t b = 0; b < batch; ++b)
     TORCH_CHECK(len[b] >= 0 && len[b] <= max_len, "lengths[", b, "]=", len[b], " outside [0, L]");
-  at::Tensor out = at::empty({batch, heads, dim}, q.options());
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const int64_t* idx = kv_index.data_ptr<int64_t>();
-  const int64_t idx_stride = kv_index.stride(0);
-  float* op = out.data_ptr<float>();
-  // Whole rows per task once there are a few rows per thread; otherwise one kv head per task.
-  const int64_t per_task = batch >= 4 * omp_get_max_threads() ? kv_heads : 1;
-  const int64_t tasks_per_row = kv_heads / per_task;
-  bool bad_slot = false;
-#pragma omp parallel reduction(|| : bad_slot)
-  {
-    Scratch scratch(per_task * group, dim);
-    // Dynamic schedule: rows differ in length, so equal task counts are not equal work.
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < batch * tasks_per_row; ++task) {
-      const int64_t b = task / tasks_per_row, h = (task % tasks_per_row) * per_task;
-      const int64_t begin = window > 0 ? std::max<int64_t>(0, len[b] - window) : 0;
-      const int64_t head0 = (b * heads + h * group) * dim;  // first query head of kv head h
-      const Task t{qp + head0, static_cast<float>(scale), kp + h * k.stride(1),
-                   vp + h * v.stride(1), k.stride(0), v.stride(0), k.stride(1), v.stride(1),
-                   idx + b * idx_stride, begin,
-                   len[b], k.size(0), per_task, group, dim, op + head0};
-      if (!attend(t, scratch)) bad_slot = true;
-    }
-  }
-  TORCH_CHECK(!bad_slot, "kv_index holds a slot outside [0, ", k.size(0), ")");
+  at::Tensor out = at::empty({batch, q.size(1), q.size(2)}, q.options());
+  const bool in_range = k.scalar_type() == at::kHalf
+      ? attend_all<c10::Half>(q, k, v, kv_index, len, scale, window, out)
+      : attend_all<float>(q, k, v, kv_index, len, scale, window, out);
+  TORCH_CHECK(in_range, "kv_index holds a slot outside [0, ", k.size(0), ")");
   return out;
 }
 

@@ -3,7 +3,12 @@
 // GCC/Clang vector extensions, so the same code builds (more slowly) on any CPU.
 #pragma once
 
+#include <c10/util/Half.h>
+
 #include <cstdint>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 namespace tgserve_simd {
 
@@ -21,6 +26,32 @@ typedef float vec4 __attribute__((vector_size(16), aligned(4), may_alias));
 inline vec load(const float* p) { return *reinterpret_cast<const vec*>(p); }
 inline void store(float* p, vec v) { *reinterpret_cast<vec*>(p) = v; }
 inline vec splat(float x) { return vec{} + x; }
+
+// A float16 KV cache is read as kLanes halves widened to floats in one instruction (F16C, which
+// every AVX2 CPU has), so a half row costs its arithmetic no more than a float row does, and
+// half the memory traffic.
+inline vec load(const c10::Half* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vec>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#elif defined(__F16C__)
+  return reinterpret_cast<vec>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+  vec v;
+  for (int64_t i = 0; i < kLanes; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+#endif
+}
+
+// n floats to halves, rounded to nearest even as torch's .to(torch.float16) rounds them.
+inline void store_halves(c10::Half* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+  for (; i < n; ++i) dst[i] = c10::Half(src[i]);
+}
 
 inline float hsum8(vec8 v) {
   const vec4 q = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
