@@ -137,3 +137,16 @@ class Harness:
     @property
     def running(self) -> list[int]:
         return [r for b in self.batch_ids for r in self.generator.view(b).request_ids]
+
+
+def count_calls(monkeypatch, owner: object, name: str) -> list[int]:  # type: ignore[no-untyped-def]
+    """Wraps owner.<name> for the test; the returned one-item list counts the calls."""
+    calls = [0]
+    real = getattr(owner, name)
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, spy)
+    return calls

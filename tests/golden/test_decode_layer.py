@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.golden.harness import Harness
+from tests.golden.harness import Harness, count_calls
 from tests.golden.tiny_models import build
 from tgserve.shard.layers.attention import cpu_kernels
 from tgserve.shard.models.llama import LlamaForCausalLM
@@ -42,14 +42,7 @@ def test_fused_decode_layer_is_bit_identical(
     g = torch.Generator().manual_seed(7)
     # Mistral's window is 24: the 30-token prompt decodes past it.
     prompts = [torch.randint(1, 500, (n,), generator=g).tolist() for n in (30, 5, 17)]
-    calls = [0]
-    real = cpu_kernels.llama_decode_layer
-
-    def spy(*args):  # type: ignore[no-untyped-def]
-        calls[0] += 1
-        return real(*args)
-
-    monkeypatch.setattr(cpu_kernels, "llama_decode_layer", spy)
+    calls = count_calls(monkeypatch, cpu_kernels, "llama_decode_layer")
     fused = decode_run(tmp_path, True, prompts)
     assert calls[0] > 0
     seen = calls[0]

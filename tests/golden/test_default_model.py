@@ -29,8 +29,7 @@ def default_model(tmp_path_factory):  # type: ignore[no-untyped-def]
     return harness, reference
 
 
-def test_greedy_64_tokens_identical_to_transformers(default_model) -> None:  # type: ignore[no-untyped-def]
-    harness, reference = default_model
+def assert_greedy_matches(harness: Harness, reference, logprob_tolerance: float) -> None:  # type: ignore[no-untyped-def]
     tok = harness.tokenizer
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
     # All three run together in one batch: batching must not change anyone's tokens.
@@ -40,22 +39,19 @@ def test_greedy_64_tokens_identical_to_transformers(default_model) -> None:  # t
         expected, expected_lp = reference_greedy(reference, ids, NEW_TOKENS)
         got = harness.outputs[i]
         assert got.ids == expected, f"prompt {i} diverged"
-        assert max(abs(a - b) for a, b in zip(got.logprobs, expected_lp)) < 1e-3
+        assert max(abs(a - b) for a, b in zip(got.logprobs, expected_lp)) < logprob_tolerance
         assert "".join(got.texts) == tok.decode(expected)
+
+
+def test_greedy_64_tokens_identical_to_transformers(default_model) -> None:  # type: ignore[no-untyped-def]
+    harness, reference = default_model
+    assert_greedy_matches(harness, reference, 1e-3)
 
 
 def test_float16_kv_cache_keeps_the_greedy_tokens(default_model) -> None:  # type: ignore[no-untyped-def]
     """`make bench` serves this model with --kv-cache-dtype float16 (as llama.cpp keeps its KV):
     on a real model's logits that rounding changes no greedy token."""
     harness, reference = default_model
-    tok = harness.tokenizer
-    prompts = [tok(p)["input_ids"] for p in PROMPTS]
     half = Harness(harness.model_dir, num_blocks=64, gguf_file=harness.gguf_file,
                    kv_dtype=torch.float16)
-    half.add([half.request(i, ids, NEW_TOKENS) for i, ids in enumerate(prompts)])
-    half.run_to_end()
-    for i, ids in enumerate(prompts):
-        expected, expected_lp = reference_greedy(reference, ids, NEW_TOKENS)
-        got = half.outputs[i]
-        assert got.ids == expected, f"prompt {i} diverged"
-        assert max(abs(a - b) for a, b in zip(got.logprobs, expected_lp)) < 1e-2
+    assert_greedy_matches(half, reference, 1e-2)

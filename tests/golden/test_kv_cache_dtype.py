@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.golden.harness import Harness
+from tests.golden.harness import Harness, count_calls
 from tests.golden.tiny_models import ARCHS, build
 from tgserve.shard.layers.attention import cpu_kernels
 
@@ -115,14 +115,7 @@ def test_kernels_take_the_float16_cache(tmp_path, monkeypatch: pytest.MonkeyPatc
     if not cpu_kernels.available():
         pytest.skip("C++ CPU kernels could not be built here (no ninja or no C++ compiler)")
     build("llama", tmp_path)
-    calls = [0]
-    real = cpu_kernels.llama_decode_layer
-
-    def spy(*args):  # type: ignore[no-untyped-def]
-        calls[0] += 1
-        return real(*args)
-
-    monkeypatch.setattr(cpu_kernels, "llama_decode_layer", spy)
+    calls = count_calls(monkeypatch, cpu_kernels, "llama_decode_layer")
     h = Harness(tmp_path, kv_dtype=torch.float16)
     h.add([h.request(1, prompt(60, 12), 4)])
     h.run_to_end()
