@@ -17,6 +17,7 @@ def test_shard_benchmark_end_to_end(
 ) -> None:
     out = tmp_path / "shard.json"
     argv = ["--model-id", str(tiny_model_dir), "--kv-cache-memory", "16MiB", "--threads", "1"]
+    argv += ["--kv-cache-dtype", "float16"]  # as `make bench` serves: the shard takes the flag
     argv += ["--batch-sizes", "1,3", "--prompt-length", "7", "--decode-steps", "4"]
     argv += ["--runs", "2", "--warmup-runs", "1", "--out", str(out)]
     assert cli.main(argv) == 0

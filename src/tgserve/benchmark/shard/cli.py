@@ -28,6 +28,7 @@ from tgserve.benchmark.shard.measure import (
 )
 from tgserve.launcher.processes import Child, remove_stale
 from tgserve.launcher import supervisor
+from tgserve.launcher.args import KV_CACHE_DTYPES
 from tgserve.launcher.weights import resolve_model
 from tgserve.router.shard_client import ShardClient
 from tgserve.router.types import GenerationError
@@ -40,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--dtype", help="float32, float16 or bfloat16 (default: the shard's choice)")
     add("--threads", type=int, default=0, help="torch threads of the shard (0: torch's choice)")
     add("--kv-cache-memory", help="KV cache budget of the shard, e.g. 512MiB")
+    add("--kv-cache-dtype", choices=KV_CACHE_DTYPES, help="as the launcher's (default: the model's)")
     add("--batch-sizes", type=parse_concurrency, default=(1, 2, 4, 8, 16, 32), help="e.g. 1,8,32")
     add("--prompt-length", type=int, default=180, help="prompt tokens of every request")
     add("--decode-steps", type=int, default=32, help="Decode calls after each Prefill")
@@ -74,7 +76,8 @@ def shard_argv(args: argparse.Namespace, uds_base: str) -> tuple[list[str], str]
     launch = argparse.Namespace(
         shard_uds_path=uds_base, master_addr="localhost", master_port=_free_port(),
         cuda_memory_fraction=1.0, threads=args.threads, dtype=args.dtype,
-        kv_cache_memory=args.kv_cache_memory, json_output=False, otlp_endpoint=None,
+        kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
+        json_output=False, otlp_endpoint=None,
         otlp_service_name="",
     )  # fmt: skip
     return supervisor.shard_argv(launch, source, rank=0, world=1), source.model_id
