@@ -6,13 +6,18 @@
 // so that every thread has work. Softmax is online over blocks of positions: a block's scores are
 // computed, the running max moves once per block and the accumulator is rescaled once per block,
 // which keeps it stable without a second pass over K. Scores are computed kLanes positions at a
-// time (dots()), so that the horizontal sums of a dot product each are one shared reduction tree.
+// time (dots()), so that the horizontal sums of a dot product each are one shared reduction tree,
+// and a kv head's query heads are taken together, so that each K or V vector loaded serves them all.
 //
-// From DRAM (a decode batch's cache is far larger than L3) the kernel is bound by memory: its K
-// and V reads run at 15-18 GB/s on two cores of an Intel Xeon that streams 24 GB/s, and perf puts
-// most of its time on the software prefetches, which wait for free fill buffers. Prefetch hints
-// (to L1, L2 or L3), distances of 4-32 positions, prefetches spread between the heads' dot
-// products, and 2 MiB pages for the cache all measured within noise of each other there.
+// From DRAM (a decode batch's cache is far larger than L3) the reads must overlap the arithmetic.
+// Software prefetches that name L1 (prefetcht0) each hold one of the core's few L1 miss buffers
+// until their line arrives, so a stream of them stalls the loads the arithmetic needs: on a Zen 4
+// EPYC the kernel then read 11-12 GB/s from DRAM and took twice its time with K and V in L3. The
+// stream ahead is therefore prefetched into L2 (prefetcht1), K kFar positions on and V as its
+// block is scored, only the next few K rows into L1, and the prefetches of a run of positions are
+// spread between its kv heads' arithmetic instead of issued in one burst. Together with the shared
+// loads: 0.60 ms a layer against 1.15 at 64 rows of 260 positions (float16, 3 kv heads of 64).
+// Hints made no difference on an Intel Xeon.
 //
 // The cache may be float16 (--kv-cache-dtype float16): its rows are widened to float as they are
 // loaded and all arithmetic stays float32, so only the stored K and V are rounded, and the bytes
@@ -35,10 +40,12 @@
 
 namespace {
 
-// Positions per rescale: enough to amortise it, few enough that the block's V rows stay in L1.
+// Positions per rescale: enough to amortise it, few enough that the block's V rows stay in L2.
 constexpr int64_t kBlock = 64;
-// How many positions ahead K rows are prefetched; 4..16 measured alike, 32 was worse.
-constexpr int64_t kAhead = 8;
+// How many positions ahead K rows are prefetched into L2 (16-40 measured alike on Zen 4), and into
+// L1 from there.
+constexpr int64_t kFar = 24;
+constexpr int64_t kNear = 4;
 
 // Vector types (simd.h) rather than plain float arrays: GCC kept array accumulators on the stack.
 using tgserve_simd::kLanes;
@@ -60,25 +67,15 @@ inline float dot(const float* a, const T* b, int64_t n) {
   return s;
 }
 
-// out[c : c + 8V] += sum_i w[i] * rows[i][c : c + 8V], the partial sum kept in registers over rows.
-template <int64_t V, typename T>
-inline void weighted_rows(const float* w, const T* const* rows, int64_t n, int64_t c,
-                          float* out) {
-  vf acc[V];
-  for (int64_t j = 0; j < V; ++j) acc[j] = load(out + c + j * kLanes);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < V; ++j) acc[j] += w[i] * load(rows[i] + c + j * kLanes);
-  for (int64_t j = 0; j < V; ++j) tgserve_simd::store(out + c + j * kLanes, acc[j]);
-}
-
 inline void scale_in_place(float w, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] *= w;
 }
 
-// A prefetch never faults, so it may run before the slot it uses is range-checked.
-template <typename T>
+// A prefetch never faults, so it may run before the slot it uses is range-checked. Locality 2 is
+// prefetcht1 (into L2), 3 prefetcht0 (into L1).
+template <int Locality, typename T>
 inline void prefetch_row(const T* row, int64_t n) {
-  for (int64_t i = 0; i < n; i += 64 / sizeof(T)) __builtin_prefetch(row + i);
+  for (int64_t i = 0; i < n; i += 64 / sizeof(T)) __builtin_prefetch(row + i, 0, Locality);
 }
 
 // Everything one task reads: kv heads [h0, h0 + kv_heads) of one row, and their query heads.
@@ -93,6 +90,9 @@ struct Task {
   int64_t begin, end, num_slots, kv_heads, group, dim;
   float* out;  // [heads, D]; doubles as the accumulator
   int64_t heads() const { return kv_heads * group; }
+  // This task's part of a slot's K and V rows.
+  int64_t k_span() const { return (kv_heads - 1) * k_head + dim; }
+  int64_t v_span() const { return (kv_heads - 1) * v_head + dim; }
 };
 
 // Per-thread scratch, reused across tasks so the hot loop never allocates.
@@ -104,52 +104,79 @@ struct Scratch {
       : q(heads * dim), scores(heads * kBlock), max(heads), sum(heads) {}
 };
 
-// out[i] = q · rows[i][0:d] for kLanes rows: each row's products summed along d in one vector, then
-// all kLanes vectors reduced together (transpose_sum). A horizontal sum per score, as dot() ends
-// with, made scoring three quarters of the kernel's time at batch 64 (K and V in cache).
-template <typename T>
-inline void dots(const float* q, const T* const* rows, int64_t d, float* out) {
-  vf acc[kLanes];
-#pragma GCC unroll 16
-  for (int64_t i = 0; i < kLanes; ++i) acc[i] = load(q) * load(rows[i]);
-  for (int64_t c = kLanes; c < d; c += kLanes) {
-    const vf qc = load(q + c);
-#pragma GCC unroll 16
-    for (int64_t i = 0; i < kLanes; ++i) acc[i] += qc * load(rows[i] + c);
+// Query heads of one kv head, taken together so that each K or V vector loaded (and widened from
+// float16) serves all of them: loading it once per query head made the kernel compute-bound even
+// from DRAM. At most kMaxGroup heads at a time, so their accumulators fit in registers.
+constexpr int kMaxGroup = 3;
+
+// out[g][i] = q[g] · rows[i][0:d] for kLanes rows and G query heads. Each (head, row) product is
+// summed along d in one vector, kPass rows at a time, and each head's kLanes vectors are then reduced
+// together (transpose_sum): a horizontal sum per score made scoring three quarters of the kernel.
+template <int G, typename T>
+inline void dots(const float* const* q, const T* const* rows, int64_t d, float* const* out) {
+  constexpr int64_t kPass = kLanes / 2;  // G * kPass accumulators + G query vectors in registers
+  vf part[G][kLanes];
+  for (int64_t p0 = 0; p0 < kLanes; p0 += kPass) {
+    vf acc[G][kPass] = {};
+    for (int64_t c = 0; c < d; c += kLanes) {
+      vf qc[G];
+      for (int g = 0; g < G; ++g) qc[g] = load(q[g] + c);
+#pragma GCC unroll 8
+      for (int64_t i = 0; i < kPass; ++i) {
+        const vf k = load(rows[p0 + i] + c);
+        for (int g = 0; g < G; ++g) acc[g][i] += qc[g] * k;
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int64_t i = 0; i < kPass; ++i) part[g][p0 + i] = acc[g][i];
   }
-  tgserve_simd::store(out, tgserve_simd::transpose_sum(acc));
+  for (int g = 0; g < G; ++g) tgserve_simd::store(out[g], tgserve_simd::transpose_sum(part[g]));
 }
 
 // Scores of positions [b0, b0 + n) for every head; false if a slot is out of range. kLanes
 // positions at a time, so that their K rows meet every query head from L1.
 template <typename T>
 bool score_block(const Task<T>& t, Scratch<T>& s, int64_t b0, int64_t n) {
-  const int64_t d = t.dim;
-  const int64_t k_span = (t.kv_heads - 1) * t.k_head + d;  // this task's part of a slot row
-  const int64_t v_span = (t.kv_heads - 1) * t.v_head + d;
+  const int64_t d = t.dim, k_span = t.k_span(), v_span = t.v_span();
   const T* rows[kLanes];
   for (int64_t i0 = 0; i0 < n; i0 += kLanes) {
     const int64_t m = std::min(kLanes, n - i0);
     for (int64_t i = 0; i < m; ++i) {
       const int64_t pos = b0 + i0 + i, slot = t.slots[pos];
       if (slot < 0 || slot >= t.num_slots) return false;
-      // Hardware prefetchers cannot guess the next slot, but we know it: ask for the K row kAhead
-      // positions on, and for this position's V row, read once the block's scores are done.
-      if (pos + kAhead < t.end) prefetch_row(t.k + t.slots[pos + kAhead] * t.k_stride, k_span);
-      prefetch_row(t.v + slot * t.v_stride, v_span);
       rows[i] = t.k + slot * t.k_stride;
     }
     const bool whole = m == kLanes && d % kLanes == 0;
     for (int64_t kh = 0; kh < t.kv_heads; ++kh) {
+      // Hardware prefetchers cannot guess the next slot, but we know it: ask for the K rows ahead,
+      // and for this position's V row, read once the block's scores are done. Each kv head issues
+      // its share of this run's positions.
+      for (int64_t i = kh * m / t.kv_heads; i < (kh + 1) * m / t.kv_heads; ++i) {
+        const int64_t pos = b0 + i0 + i;
+        if (pos + kFar < t.end) prefetch_row<2>(t.k + t.slots[pos + kFar] * t.k_stride, k_span);
+        prefetch_row<2>(t.v + t.slots[pos] * t.v_stride, v_span);
+        if (pos + kNear < t.end) prefetch_row<3>(t.k + t.slots[pos + kNear] * t.k_stride, k_span);
+      }
       const T* head_rows[kLanes];  // kv head kh of each position, shared by its query heads
       for (int64_t i = 0; i < m; ++i) head_rows[i] = rows[i] + kh * t.k_head;
-      for (int64_t g = 0; g < t.group; ++g) {
-        const int64_t h = kh * t.group + g;
-        float* out = &s.scores[h * kBlock + i0];
-        if (whole) {
-          dots(&s.q[h * d], head_rows, d, out);
+      for (int64_t g0 = 0; g0 < t.group; g0 += kMaxGroup) {
+        const int64_t heads = std::min<int64_t>(kMaxGroup, t.group - g0);
+        const float* q[kMaxGroup];
+        float* out[kMaxGroup];
+        for (int64_t g = 0; g < heads; ++g) {
+          const int64_t h = kh * t.group + g0 + g;
+          q[g] = &s.q[h * d];
+          out[g] = &s.scores[h * kBlock + i0];
+        }
+        if (!whole) {
+          for (int64_t g = 0; g < heads; ++g)
+            for (int64_t i = 0; i < m; ++i) out[g][i] = dot(q[g], head_rows[i], d);
+        } else if (heads == 3) {
+          dots<3>(q, head_rows, d, out);
+        } else if (heads == 2) {
+          dots<2>(q, head_rows, d, out);
         } else {
-          for (int64_t i = 0; i < m; ++i) out[i] = dot(&s.q[h * d], head_rows[i], d);
+          dots<1>(q, head_rows, d, out);
         }
       }
     }
@@ -179,20 +206,62 @@ void softmax_block(const Task<T>& t, Scratch<T>& s, int64_t n) {
   }
 }
 
+// out[g][c : c + V lanes] += sum_i w[g][i] * rows[i][c : c + V lanes] for G query heads of one kv
+// head: each V vector is loaded once for all of them, the partial sums kept in registers over rows.
+template <int G, int64_t V, typename T>
+inline void weighted_rows(const float* const* w, const T* const* rows, int64_t n, int64_t c,
+                          float* const* out) {
+  vf acc[G][V];
+  for (int g = 0; g < G; ++g)
+    for (int64_t j = 0; j < V; ++j) acc[g][j] = load(out[g] + c + j * kLanes);
+  for (int64_t i = 0; i < n; ++i) {
+    vf x[V];
+    for (int64_t j = 0; j < V; ++j) x[j] = load(rows[i] + c + j * kLanes);
+    for (int g = 0; g < G; ++g) {
+      const float wi = w[g][i];
+      for (int64_t j = 0; j < V; ++j) acc[g][j] += wi * x[j];
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int64_t j = 0; j < V; ++j) tgserve_simd::store(out[g] + c + j * kLanes, acc[g][j]);
+}
+
+// Every column of G heads' outputs: the widest register tile that fits first (4 vectors of
+// accumulators per head with 32 registers, 2 with 16), then narrower ones, then scalars.
+template <int G, typename T>
+inline void weighted_heads(const float* const* w, const T* const* rows, int64_t n, int64_t dim,
+                           float* const* out) {
+  constexpr int64_t kWide = kLanes == 16 ? 4 : 2;
+  int64_t c = 0;
+  for (; c + kWide * kLanes <= dim; c += kWide * kLanes) weighted_rows<G, kWide>(w, rows, n, c, out);
+  for (; c + kLanes <= dim; c += kLanes) weighted_rows<G, 1>(w, rows, n, c, out);
+  for (; c < dim; ++c)
+    for (int g = 0; g < G; ++g)
+      for (int64_t i = 0; i < n; ++i) out[g][c] += w[g][i] * static_cast<float>(rows[i][c]);
+}
+
 template <typename T>
 void accumulate_block(const Task<T>& t, Scratch<T>& s, int64_t b0, int64_t n) {
-  for (int64_t h = 0; h < t.heads(); ++h) {
-    // The V rows of the kv head this query head reads.
-    const int64_t offset = (h / t.group) * t.v_head;
+  for (int64_t kh = 0; kh < t.kv_heads; ++kh) {
+    const int64_t offset = kh * t.v_head;
     for (int64_t i = 0; i < n; ++i) s.rows[i] = t.v + t.slots[b0 + i] * t.v_stride + offset;
-    const float* w = &s.scores[h * kBlock];
-    float* o = t.out + h * t.dim;
-    int64_t c = 0;
-    for (; c + 4 * kLanes <= t.dim; c += 4 * kLanes) weighted_rows<4>(w, s.rows, n, c, o);
-    for (; c + 2 * kLanes <= t.dim; c += 2 * kLanes) weighted_rows<2>(w, s.rows, n, c, o);
-    for (; c + kLanes <= t.dim; c += kLanes) weighted_rows<1>(w, s.rows, n, c, o);
-    for (; c < t.dim; ++c)
-      for (int64_t i = 0; i < n; ++i) o[c] += w[i] * static_cast<float>(s.rows[i][c]);
+    for (int64_t g0 = 0; g0 < t.group; g0 += kMaxGroup) {
+      const int64_t heads = std::min<int64_t>(kMaxGroup, t.group - g0);
+      const float* w[kMaxGroup];
+      float* out[kMaxGroup];
+      for (int64_t g = 0; g < heads; ++g) {
+        const int64_t h = kh * t.group + g0 + g;
+        w[g] = &s.scores[h * kBlock];
+        out[g] = t.out + h * t.dim;
+      }
+      if (heads == 3) {
+        weighted_heads<3>(w, s.rows, n, t.dim, out);
+      } else if (heads == 2) {
+        weighted_heads<2>(w, s.rows, n, t.dim, out);
+      } else {
+        weighted_heads<1>(w, s.rows, n, t.dim, out);
+      }
+    }
   }
 }
 
@@ -204,6 +273,9 @@ bool attend(const Task<T>& t, Scratch<T>& s) {
   std::fill(s.max.begin(), s.max.end(), -std::numeric_limits<float>::infinity());
   std::fill(s.sum.begin(), s.sum.end(), 0.f);
   for (int64_t i = 0; i < t.heads() * t.dim; ++i) s.q[i] = t.q[i] * t.scale;  // once, not per score
+  // The first rows, which no earlier position asked for.
+  for (int64_t pos = t.begin; pos < std::min(t.end, t.begin + kFar); ++pos)
+    prefetch_row<2>(t.k + t.slots[pos] * t.k_stride, t.k_span());
   for (int64_t b0 = t.begin; b0 < t.end; b0 += kBlock) {
     const int64_t n = std::min(kBlock, t.end - b0);
     if (!score_block(t, s, b0, n)) return false;
