@@ -27,7 +27,7 @@ _SOURCES = [
     Path(__file__).parent / "csrc" / name
     for name in (
         "paged_attention.cpp", "packed_linear.cpp", "fused_ops.cpp", "decode_layer.cpp",
-        "greedy.cpp",
+        "greedy.cpp", "prefill_attention.cpp",
     )
 ]
 # CPUs on which torch itself runs AVX2+FMA kernels; anything else gets portable -O3 code.
@@ -55,6 +55,34 @@ def paged_decode_attention(
     Returns [B, H, D]; a row with length 0 gives zeros.
     """
     return _ops().paged_decode_attention(q, k_cache, v_cache, kv_index, lengths, scale, window)
+
+
+def prefill_attention(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    starts: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    window: int = 0,
+) -> None:
+    """Causal attention of each new prompt over its own tokens, into `out` [T, H, D] in place.
+
+    q: [T, H, D], k/v: [T, Hkv, D] float32 (rows may be strided, e.g. views of the fused QKV
+    projection); sequence i is rows starts[i] .. starts[i] + lengths[i] (int64 [S]), none longer
+    than prefill_attention_limits()[0], head dim a multiple of its [1]; window > 0 keeps each
+    position's last `window` keys. Rows outside every sequence are left as they are.
+    """
+    _ops().prefill_attention(out, q, k, v, starts, lengths, scale, window)
+
+
+@functools.cache
+def prefill_attention_limits() -> tuple[int, int]:
+    """(longest sequence, head-dim multiple) that prefill_attention takes; anything else keeps
+    torch's flash kernel, whose blocking suits long prompts anyway."""
+    max_length, dim_multiple = _ops().prefill_attention_limits()
+    return int(max_length), int(dim_multiple)
 
 
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,15 @@ def _prefill(
     window: int | None,
 ) -> None:
     """Fills the rows of `out` that belong to new prompts."""
+    own = _own_kernel_sequences(q, k, v, sequences)
+    if own:
+        starts = torch.tensor([s.start for s in own], dtype=torch.long)
+        lengths = torch.tensor([s.length for s in own], dtype=torch.long)
+        cpu_kernels.prefill_attention(out, q, k, v, starts, lengths, scale, window or 0)
+    taken = {id(s) for s in own}
     for seq in sequences:
+        if id(seq) in taken:
+            continue
         rows = slice(seq.start, seq.start + seq.length)
         qs = q[rows].transpose(0, 1)  # [H, n, D]
         if seq.cache_len == 0:
@@ -70,6 +78,26 @@ def _prefill(
             mask = _causal_mask(seq.length, seq.cache_len, window, q.device)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
         out[rows] = o[0].transpose(0, 1)
+
+
+def _own_kernel_sequences(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sequences: list[PrefillSequence],
+) -> list[PrefillSequence]:
+    """The prompts the C++ prefill kernel takes: no cached prefix, short enough, float32 on CPU.
+
+    It runs short prompts 2-3x faster than torch's flash kernel (prefill_attention.cpp); prompts
+    that continue a cached prefix read their K/V back from the cache and stay on the torch path.
+    """
+    if not cpu_kernels_fit(q, k, v):
+        return []
+    max_length, dim_multiple = cpu_kernels.prefill_attention_limits()
+    dim = q.shape[-1]
+    if dim % dim_multiple or any(t.stride(-1) != 1 or t.stride(-2) != dim for t in (q, k, v)):
+        return []
+    return [s for s in sequences if s.cache_len == 0 and s.length <= max_length]
 
 
 def _causal_mask(n: int, cache_len: int, window: int | None, device: torch.device) -> torch.Tensor:
