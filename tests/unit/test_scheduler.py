@@ -730,6 +730,37 @@ def test_step_prefill_budget_grows_with_a_deep_queue_only() -> None:
     assert step_prefill_budget(small, 0) == 128
 
 
+def test_step_prefill_budget_holds_while_a_backlog_lasts() -> None:
+    s = SchedulerSettings(max_batch_prefill_tokens=4096, max_step_prefill_tokens=256)
+    assert step_prefill_budget(s, 300, backlog_budget=1440) == 1440  # the queue shrank: held
+    assert step_prefill_budget(s, 300 * QUEUE_DRAIN_STEPS, backlog_budget=1000) == 1000
+    assert step_prefill_budget(s, 2000 * QUEUE_DRAIN_STEPS, backlog_budget=1000) == 2000
+    assert step_prefill_budget(s, 0, backlog_budget=1440) == 256  # the backlog is gone: base
+    assert step_prefill_budget(s, 100, backlog_budget=10**6) == 4096
+
+
+def test_a_burst_drains_in_steps_of_the_size_it_started_with() -> None:
+    async def main() -> None:
+        scheduler, client = make(num_blocks=400, mixed_prefill=True, max_step_prefill_tokens=12,
+                                 max_batch_prefill_tokens=64)
+        scheduler.start()
+        first = asyncio.create_task(collect(scheduler.schedule(req(4, 60))))
+        await wait_until(lambda: len(client.decodes()) >= 1)
+        # 40 prompts of 8 tokens (320) at once: budget 40. Had it shrunk with the queue, it would
+        # be back at the base 12 after ~7 steps and admit one prompt a step next to the growing
+        # running batch: 30 steps for the 40 (measured); held, 18.
+        burst = [asyncio.create_task(collect(scheduler.schedule(req(8, 40)))) for _ in range(40)]
+        results = await asyncio.gather(first, *burst)
+        await scheduler.stop()
+        assert [len(r) for r in results] == [60] + [40] * 40
+        joined = [len(ids) for ids in client.prefills()[1:]]
+        assert sum(joined) == 40
+        assert len(joined) <= 20
+        assert scheduler.allocator.used_blocks == 0
+
+    run(main())
+
+
 def test_mixed_steps_admit_more_per_step_while_a_deep_queue_waits() -> None:
     async def main() -> None:
         scheduler, client = make(num_blocks=160, mixed_prefill=True, max_step_prefill_tokens=12,
