@@ -59,6 +59,12 @@ inline float hsum8(vec8 v) {
   return h[0] + h[1];
 }
 
+inline float hmax(vec v) {
+  float m = v[0];
+  for (int64_t i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
 // Halving shuffle-and-add steps instead of a chain of lane extracts.
 inline float hsum(vec v) {
 #if defined(__AVX512F__)
@@ -92,7 +98,8 @@ inline vec pair_halves1(vec a, vec b) {
   return __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
          __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
 }
-inline vec transpose_sum(const vec* v) {
+// Always inlined: as a call (GCC's choice) its 16 vectors went through memory.
+__attribute__((always_inline)) inline vec transpose_sum(const vec* v) {
   const vec u0 = pair_halves8(v[0], v[8]), u1 = pair_halves8(v[4], v[12]);
   const vec u2 = pair_halves8(v[2], v[10]), u3 = pair_halves8(v[6], v[14]);
   const vec u4 = pair_halves8(v[1], v[9]), u5 = pair_halves8(v[5], v[13]);
@@ -114,7 +121,8 @@ inline vec pair_halves1(vec a, vec b) {
   return __builtin_shufflevector(a, b, 0, 8, 2, 10, 4, 12, 6, 14) +
          __builtin_shufflevector(a, b, 1, 9, 3, 11, 5, 13, 7, 15);
 }
-inline vec transpose_sum(const vec* v) {
+// Always inlined: as a call (GCC's choice) its 16 vectors went through memory.
+__attribute__((always_inline)) inline vec transpose_sum(const vec* v) {
   const vec u0 = pair_halves4(v[0], v[4]), u1 = pair_halves4(v[2], v[6]);
   const vec u2 = pair_halves4(v[1], v[5]), u3 = pair_halves4(v[3], v[7]);
   return pair_halves1(pair_halves2(u0, u1), pair_halves2(u2, u3));
