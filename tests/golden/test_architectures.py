@@ -64,6 +64,33 @@ def test_prefill_raw_logits_match(arch) -> None:  # type: ignore[no-untyped-def]
     assert (logits.cpu() - ref).abs().max().item() < 1e-4
 
 
+def test_last_layer_runs_past_attention_on_logit_rows_only(arch) -> None:  # type: ignore[no-untyped-def]
+    """A prefill of two prompts needs two rows of logits: the last layer's MLP sees those two rows
+    and nothing else, and the logits still match transformers' at the prompts' last tokens."""
+    name, folder, reference = arch
+    h = Harness(folder)
+    prompts = [prompt(4, 21), prompt(5, 13)]
+    from tgserve.shard.runner import prepare_prefill
+
+    states = [h.generator._request_state(h.request(i, ids, 1)) for i, ids in enumerate(prompts)]
+    inputs = prepare_prefill(states, [0, 0], DEVICE)
+    assert inputs.logit_rows is not None and inputs.logit_rows.tolist() == [20, 33]
+    last, seen = h.generator.model.layers[-1], []
+    mlp = last.mlp
+
+    def counting_mlp(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.shape[0])
+        return mlp(x)
+
+    last.mlp = counting_mlp
+    logits, _ = h.generator._forward(inputs)
+    assert seen == [2] and logits.shape[0] == 2
+    with torch.no_grad():
+        for row, ids in zip(logits.cpu(), prompts):
+            ref = reference(torch.tensor([ids])).logits[0, -1].float()
+            assert (row - ref).abs().max().item() < 1e-4
+
+
 def test_greedy_alone_matches_transformers(arch) -> None:  # type: ignore[no-untyped-def]
     name, folder, reference = arch
     ids = prompt(3, 30)

@@ -75,8 +75,12 @@ class CausalLM(ABC):
         positions: torch.Tensor,
         kv_cache: KVCache,
         meta: AttentionMetadata,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states [T, hidden] of the flattened new tokens."""
+        """Final-norm hidden states [T, hidden] of the flattened new tokens, or [R, hidden] of
+        only their `rows`: past the last layer's attention no token reads another, so that
+        layer's output projection and MLP run on those rows alone (a prompt needs its last
+        token's logits only: for a prefill of 180-token prompts, 1/30 of its FLOPs)."""
 
     def forward(
         self,
@@ -87,7 +91,5 @@ class CausalLM(ABC):
         logit_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [R, V] in float32 for the rows `logit_rows` of the flattened tokens (all if None)."""
-        hidden = self.hidden_states(input_ids, positions, kv_cache, meta)
-        if logit_rows is not None:
-            hidden = hidden.index_select(0, logit_rows)
+        hidden = self.hidden_states(input_ids, positions, kv_cache, meta, logit_rows)
         return self.lm_head(hidden).float()

@@ -58,8 +58,16 @@ class GPT2Layer:
     ln_2: LayerNorm
     mlp: PlainMLP
 
-    def __call__(self, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.attention(self.ln_1(x), kv_cache, meta)
+    def __call__(
+        self,
+        x: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """With `rows` (the last layer), only those rows go on past the attention."""
+        attended = self.attention(self.ln_1(x), kv_cache, meta)
+        x = x + attended if rows is None else (x + attended).index_select(0, rows)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -98,8 +106,12 @@ class GPT2LMHeadModel(CausalLM):
         positions: torch.Tensor,
         kv_cache: KVCache,
         meta: AttentionMetadata,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = self.wte(input_ids) + self.wpe[positions]
-        for layer in self.layers:
-            x = layer(x, kv_cache, meta)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, kv_cache, meta, rows if i == last else None)
+        if not self.layers and rows is not None:
+            x = x.index_select(0, rows)
         return self.ln_f(x)

@@ -102,9 +102,11 @@ class LlamaLayer:
         sin: torch.Tensor,
         kv_cache: KVCache,
         meta: AttentionMetadata,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(this block's MLP output, the residual stream before it is added): each residual add
-        is fused with the norm that follows it, the last one with the model's final norm."""
+        is fused with the norm that follows it, the last one with the model's final norm. With
+        `rows` (the last layer), only those rows go on past the attention."""
         d = self.attention.dims
         if (
             self.fused_decode
@@ -113,12 +115,17 @@ class LlamaLayer:
             and cpu_kernels_fit(hidden)
             and cpu_kernels_fit_cache(kv_cache.keys[self.attention.layer])
         ):
-            return self._decode(hidden, residual, cos, sin, kv_cache, meta)
+            hidden, residual = self._decode(hidden, residual, cos, sin, kv_cache, meta)
+            if rows is None:
+                return hidden, residual
+            return hidden.index_select(0, rows), residual.index_select(0, rows)
         if residual is None:
             residual, hidden = hidden, self.input_norm(hidden)
         else:
             hidden, residual = self.input_norm.add(hidden, residual)
         hidden = self.attention(hidden, cos, sin, kv_cache, meta)
+        if rows is not None:
+            hidden, residual = hidden.index_select(0, rows), residual.index_select(0, rows)
         hidden, residual = self.post_norm.add(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -190,12 +197,17 @@ class LlamaForCausalLM(CausalLM):
         positions: torch.Tensor,
         kv_cache: KVCache,
         meta: AttentionMetadata,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         hidden = self.embed(input_ids)
         cos, sin = self.rotary.cos_sin(positions, hidden.dtype)
         residual: torch.Tensor | None = None
-        for layer in self.layers:
-            hidden, residual = layer(hidden, residual, cos, sin, kv_cache, meta)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            hidden, residual = layer(
+                hidden, residual, cos, sin, kv_cache, meta, rows if i == last else None
+            )
         if residual is None:  # no layers
+            hidden = hidden if rows is None else hidden.index_select(0, rows)
             return self.norm(hidden)
         return self.norm.add(hidden, residual)[0]
