@@ -196,3 +196,46 @@ def test_a_step_ahead_that_fails_fails_the_call_that_asks_for_it(llama) -> None:
         assert len(again.generations) == 1
 
     asyncio.run(main())
+
+
+def test_decode_stream_answers_each_step_in_order(llama) -> None:  # type: ignore[no-untyped-def]
+    """DecodeStream gives, step by step, what unary Decode calls give; an error ends it."""
+
+    async def main() -> None:
+        plain = Shard(llama)
+        responses: list[Any] = [await plain.prefill(1, [plain.h.request(1, prompt(1, 20), 8)],
+                                                    ahead=False)]
+        while responses[-1].HasField("batch"):
+            responses.append(await plain.decode(responses[-1].batch, ahead=False))
+
+        shard = Shard(llama)
+        streamed: list[Any] = [await shard.prefill(1, [shard.h.request(1, prompt(1, 20), 8)],
+                                                   ahead=True)]
+        asked: asyncio.Queue[pb.DecodeRequest | None] = asyncio.Queue()
+        asked.put_nowait(pb.DecodeRequest(batches=[streamed[0].batch], decode_ahead=True))
+
+        async def requests():  # type: ignore[no-untyped-def]
+            while (request := await asked.get()) is not None:
+                yield request
+
+        async for response in shard.service.DecodeStream(requests(), shard.context):
+            streamed.append(response)
+            asked.put_nowait(
+                pb.DecodeRequest(batches=[response.batch], decode_ahead=True)
+                if response.HasField("batch") else None
+            )
+        await shard.settle()
+        assert tokens_of(streamed) == tokens_of(responses)
+        assert len(tokens_of(streamed)[1]) == 8 and len(streamed) == 8
+        assert shard.context.aborts == []
+
+        async def unknown():  # type: ignore[no-untyped-def]
+            yield pb.DecodeRequest(batches=[pb.CachedBatch(id=999, request_ids=[1], size=1)])
+
+        with pytest.raises(Aborted):
+            async for _ in shard.service.DecodeStream(unknown(), shard.context):
+                pass
+        assert shard.context.aborts == [
+            (grpc.StatusCode.INVALID_ARGUMENT, "Batch ID 999 not found in cache.")]
+
+    asyncio.run(main())

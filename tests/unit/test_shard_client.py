@@ -75,18 +75,31 @@ class FakeRank(generate_pb2_grpc.TextGenerationServiceServicer):
         return pb.PrefillResponse(**self._answer(ids, request.batch.id))
 
     async def Decode(self, request: pb.DecodeRequest, context: Any) -> pb.DecodeResponse:
+        self.calls.append(("decode", request.batches[0].id))
         if self.fail_decode:
             await context.abort(grpc.StatusCode.INTERNAL, f"rank {self.rank} exploded")
         ids = [i for b in request.batches for i in b.request_ids]
         return pb.DecodeResponse(**self._answer(ids, request.batches[0].id), concat_ns=5)
 
 
-async def start_ranks(tmp_path: Path) -> tuple[list[grpc.aio.Server], list[FakeRank]]:
+class StreamingRank(FakeRank):
+    """A rank that also serves DecodeStream, as tgserve's shards do."""
+
+    async def DecodeStream(self, request_iterator: Any, context: Any) -> Any:
+        self.calls.append(("stream", None))
+        async for request in request_iterator:
+            self.calls.append(("streamed", request.batches[0].id))
+            yield await self.Decode(request, context)
+
+
+async def start_ranks(
+    tmp_path: Path, rank_types: tuple[type[FakeRank], ...] = (FakeRank, FakeRank)
+) -> tuple[list[grpc.aio.Server], list[FakeRank]]:
     urls = [f"unix://{tmp_path}/shard-{rank}" for rank in range(2)]
     servers, ranks = [], []
     for rank, url in enumerate(urls):
         server = grpc.aio.server()
-        servicer = FakeRank(rank, urls)
+        servicer = rank_types[rank](rank, urls)
         generate_pb2_grpc.add_TextGenerationServiceServicer_to_server(servicer, server)
         server.add_insecure_port(url)
         await server.start()
@@ -135,6 +148,64 @@ def test_two_ranks_fan_out_and_merge(tmp_path: Path) -> None:
             ranks[1].fail_decode = True
             with pytest.raises(GenerationError, match="rank 1 exploded"):
                 await client.decode([result.batch])
+            # These ranks have no DecodeStream: the client fell back to unary calls.
+            assert [c for c in ranks[0].calls if c[0] == "decode"] == [("decode", 3)] * 2
+        finally:
+            await client.close()
+            for server in servers:
+                await server.stop(None)
+
+    run(main())
+
+
+def test_decode_steps_share_one_stream_per_rank(tmp_path: Path) -> None:
+    async def main() -> None:
+        servers, ranks = await start_ranks(tmp_path, (StreamingRank, StreamingRank))
+        client = await ShardClient.connect(str(tmp_path / "shard-0"))
+        try:
+            batch = pb.CachedBatch(id=5, request_ids=[0, 1, 2], size=3)
+            for _ in range(3):
+                decoded = await client.decode([batch])
+                assert sorted(g.request_id for g in decoded.generations) == [0, 1, 2]
+                assert decoded.timings.concat_ns == 5
+            for rank in ranks:
+                assert rank.calls == [("stream", None)] + [("streamed", 5), ("decode", 5)] * 3
+
+            # A failed step ends the stream with the shard's message; the next opens another.
+            ranks[1].fail_decode = True
+            with pytest.raises(GenerationError, match="rank 1 exploded"):
+                await client.decode([batch])
+            ranks[1].fail_decode = False
+            assert len((await client.decode([batch])).generations) == 3
+            assert ranks[1].calls.count(("stream", None)) == 2
+
+            # A traced step carries its parent span in the call's metadata: a unary call.
+            before = list(ranks[0].calls)
+            await client.decode([batch], metadata=(("traceparent", "00-" + "1" * 32 + "-"
+                                                    + "2" * 16 + "-01"),))
+            assert ranks[0].calls == before + [("decode", 5)]
+        finally:
+            await client.close()
+            for server in servers:
+                await server.stop(None)
+
+    run(main())
+
+
+def test_a_step_that_one_rank_streamed_is_not_sent_again(tmp_path: Path) -> None:
+    """Rank 0 has DecodeStream and ran the step; rank 1 has not: a unary retry would run the
+    step twice on rank 0, so the step fails, and the next ones go as unary calls to both."""
+
+    async def main() -> None:
+        servers, ranks = await start_ranks(tmp_path, (StreamingRank, FakeRank))
+        client = await ShardClient.connect(str(tmp_path / "shard-0"))
+        try:
+            batch = pb.CachedBatch(id=5, request_ids=[0, 1], size=2)
+            with pytest.raises(GenerationError):
+                await client.decode([batch])
+            assert ranks[0].calls.count(("decode", 5)) == 1
+            assert len((await client.decode([batch])).generations) == 2
+            assert ranks[0].calls.count(("streamed", 5)) == 1  # the second went unary
         finally:
             await client.close()
             for server in servers:

@@ -68,6 +68,10 @@ class ShardClient:
             raise ValueError("a ShardClient needs at least one channel")
         self._channels = list(channels)
         self._stubs = [Stub(channel) for channel in self._channels]
+        # One open DecodeStream per rank, opened on first use; None after an error, and for good
+        # (unary Decode calls) once a shard answers that it has no such method.
+        self._decode_streams: list[grpc.aio.StreamStreamCall | None] = [None] * len(self._stubs)
+        self._streaming = True
 
     @classmethod
     async def connect(cls, master_address: str) -> ShardClient:
@@ -84,6 +88,8 @@ class ShardClient:
         return len(self._stubs)
 
     async def close(self) -> None:
+        for rank in range(len(self._stubs)):
+            self._drop_stream(rank)
         await asyncio.gather(*(channel.close() for channel in self._channels))
 
     async def _all(self, call: Callable[[Stub], Awaitable[T]]) -> list[T]:
@@ -160,7 +166,53 @@ class ShardClient:
         decode_ahead: bool = False,
     ) -> StepResult:
         request = generate_pb2.DecodeRequest(batches=batches, decode_ahead=decode_ahead)
+        # A traced step goes as a unary call: its span's parent travels in the call's metadata.
+        if self._streaming and metadata is None:
+            answers = await asyncio.gather(
+                *(self._decode_over_stream(rank, request) for rank in range(len(self._stubs))),
+                return_exceptions=True,
+            )
+            errors = [a for a in answers if isinstance(a, BaseException)]
+            if not errors:
+                return _merge(answers)  # type: ignore[arg-type]
+            # A shard without DecodeStream: unary calls from now on, and this step again too
+            # unless some rank has already run it over its stream.
+            if any(_unimplemented(e) for e in errors):
+                self._streaming = False
+            if len(errors) < len(answers) or not all(_unimplemented(e) for e in errors):
+                first = errors[0]
+                if isinstance(first, grpc.aio.AioRpcError):
+                    raise GenerationError(first.details() or str(first.code())) from first
+                raise first
         return _merge(await self._all(lambda s: s.Decode(request, metadata=metadata)))
+
+    async def _decode_over_stream(
+        self, rank: int, request: generate_pb2.DecodeRequest
+    ) -> generate_pb2.DecodeResponse:
+        stream = self._decode_streams[rank]
+        if stream is None:
+            stream = self._decode_streams[rank] = self._stubs[rank].DecodeStream()
+        try:
+            await stream.write(request)
+            response = await stream.read()
+        except BaseException:
+            # An error ends the stream; a cancelled step would leave its answer unread, and the
+            # next step would read it as its own: either way the stream is done.
+            self._drop_stream(rank)
+            raise
+        if response is grpc.aio.EOF:  # the shard closed it without an error status
+            self._drop_stream(rank)
+            raise GenerationError(f"rank {rank} closed its decode stream")
+        return response
+
+    def _drop_stream(self, rank: int) -> None:
+        stream, self._decode_streams[rank] = self._decode_streams[rank], None
+        if stream is not None:
+            stream.cancel()
+
+
+def _unimplemented(error: BaseException) -> bool:
+    return isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def open_channel(address: str) -> grpc.aio.Channel:
