@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +94,11 @@ class StreamingRank(FakeRank):
             yield await self.Decode(request, context)
 
 
-async def start_ranks(
+@asynccontextmanager
+async def two_ranks(
     tmp_path: Path, rank_types: tuple[type[FakeRank], ...] = (FakeRank, FakeRank)
-) -> tuple[list[grpc.aio.Server], list[FakeRank]]:
+) -> AsyncIterator[tuple[ShardClient, list[FakeRank]]]:
+    """Two ranks serving on unix sockets and a client connected through rank 0's discovery."""
     urls = [f"unix://{tmp_path}/shard-{rank}" for rank in range(2)]
     servers, ranks = [], []
     for rank, url in enumerate(urls):
@@ -105,7 +109,13 @@ async def start_ranks(
         await server.start()
         servers.append(server)
         ranks.append(servicer)
-    return servers, ranks
+    client = await ShardClient.connect(str(tmp_path / "shard-0"))
+    try:
+        yield client, ranks
+    finally:
+        await client.close()
+        for server in servers:
+            await server.stop(None)
 
 
 def run(coro: Any) -> Any:
@@ -114,9 +124,7 @@ def run(coro: Any) -> Any:
 
 def test_two_ranks_fan_out_and_merge(tmp_path: Path) -> None:
     async def main() -> None:
-        servers, ranks = await start_ranks(tmp_path)
-        client = await ShardClient.connect(str(tmp_path / "shard-0"))
-        try:
+        async with two_ranks(tmp_path) as (client, ranks):
             assert client.world_size == 2
             assert (await client.info()).device_type == "cpu1"  # the last rank's answer
             await client.health()
@@ -150,19 +158,13 @@ def test_two_ranks_fan_out_and_merge(tmp_path: Path) -> None:
                 await client.decode([result.batch])
             # These ranks have no DecodeStream: the client fell back to unary calls.
             assert [c for c in ranks[0].calls if c[0] == "decode"] == [("decode", 3)] * 2
-        finally:
-            await client.close()
-            for server in servers:
-                await server.stop(None)
 
     run(main())
 
 
 def test_decode_steps_share_one_stream_per_rank(tmp_path: Path) -> None:
     async def main() -> None:
-        servers, ranks = await start_ranks(tmp_path, (StreamingRank, StreamingRank))
-        client = await ShardClient.connect(str(tmp_path / "shard-0"))
-        try:
+        async with two_ranks(tmp_path, (StreamingRank, StreamingRank)) as (client, ranks):
             batch = pb.CachedBatch(id=5, request_ids=[0, 1, 2], size=3)
             for _ in range(3):
                 decoded = await client.decode([batch])
@@ -184,10 +186,6 @@ def test_decode_steps_share_one_stream_per_rank(tmp_path: Path) -> None:
             await client.decode([batch], metadata=(("traceparent", "00-" + "1" * 32 + "-"
                                                     + "2" * 16 + "-01"),))
             assert ranks[0].calls == before + [("decode", 5)]
-        finally:
-            await client.close()
-            for server in servers:
-                await server.stop(None)
 
     run(main())
 
@@ -197,19 +195,13 @@ def test_a_step_that_one_rank_streamed_is_not_sent_again(tmp_path: Path) -> None
     step twice on rank 0, so the step fails, and the next ones go as unary calls to both."""
 
     async def main() -> None:
-        servers, ranks = await start_ranks(tmp_path, (StreamingRank, FakeRank))
-        client = await ShardClient.connect(str(tmp_path / "shard-0"))
-        try:
+        async with two_ranks(tmp_path, (StreamingRank, FakeRank)) as (client, ranks):
             batch = pb.CachedBatch(id=5, request_ids=[0, 1], size=2)
             with pytest.raises(GenerationError):
                 await client.decode([batch])
             assert ranks[0].calls.count(("decode", 5)) == 1
             assert len((await client.decode([batch])).generations) == 2
             assert ranks[0].calls.count(("streamed", 5)) == 1  # the second went unary
-        finally:
-            await client.close()
-            for server in servers:
-                await server.stop(None)
 
     run(main())
 
