@@ -156,8 +156,9 @@ def test_two_ranks_fan_out_and_merge(tmp_path: Path) -> None:
             ranks[1].fail_decode = True
             with pytest.raises(GenerationError, match="rank 1 exploded"):
                 await client.decode([result.batch])
-            # These ranks have no DecodeStream: the client fell back to unary calls.
-            assert [c for c in ranks[0].calls if c[0] == "decode"] == [("decode", 3)] * 2
+            # These ranks have no DecodeStream: the client fell back to unary calls. (Rank 1's
+            # record: the failed call returns once rank 1 has answered, not rank 0.)
+            assert [c for c in ranks[1].calls if c[0] == "decode"] == [("decode", 3)] * 2
 
     run(main())
 
