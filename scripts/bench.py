@@ -2,7 +2,10 @@
 
 Each server is started alone on a loopback port, checked with one greedy completion, measured
 with `tgserve benchmark` (streamed /v1/completions, closed loop) and stopped before the next
-starts, so that none shares the CPU with another; the per-server reports are then merged into
+starts, so that none shares the CPU with another. That is done in --rounds rounds (2), the order
+mirrored each time (tgserve, llama.cpp, vLLM, then vLLM, llama.cpp, tgserve), so that the drift of
+a shared machine's speed between windows of a few minutes weighs on every server alike; each
+server's rounds are pooled (tgserve/benchmark/rounds.py) and the per-server reports merged into
 bench-results/benchmark.{json,png} and one side-by-side table.
 
   .venv/bin/python scripts/bench.py [--servers tgserve,llama.cpp,vllm] [--out-dir bench-results]
@@ -26,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from tgserve.benchmark.rounds import pool_rounds, round_order
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_DIR = Path(
@@ -242,7 +247,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-requests", default="8,16,64,64", help="per --concurrency level")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--idle-cpu-seconds", type=float, default=10.0)
+    # Speed drifts between windows of a few minutes on a shared machine: two rounds in mirrored
+    # order give each server the same mix of windows (tgserve.benchmark.rounds).
+    p.add_argument("--rounds", type=int, default=2, help="rounds, the order mirrored each time")
     return p.parse_args(argv)
+
+
+def pool(folder: Path, round_folders: list[Path]) -> None:
+    """The server's rounds as one benchmark.json in `folder` (tgserve.benchmark.rounds)."""
+    servers = [json.loads((f / "benchmark.json").read_text())["servers"][0] for f in round_folders]
+    report = json.loads((round_folders[0] / "benchmark.json").read_text())
+    report["servers"] = [pool_rounds(servers)]
+    (folder / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,18 +269,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown servers {unknown}; choose from {list(SERVERS)}", file=sys.stderr)
         return 2
     began = time.monotonic()
-    samples: dict[str, str] = {}
-    folders = []
+    samples: dict[str, set[str]] = {SERVERS[n].name: set() for n in names}
+    rounds: dict[str, list[Path]] = {n: [] for n in names}
+    for number, order in enumerate(round_order(names, args.rounds), start=1):
+        for name in order:
+            folder = args.out_dir / name / f"round{number}"
+            log(f"round {number} of {args.rounds}: {name}")
+            samples[SERVERS[name].name].add(run_one(SERVERS[name], folder, args))
+            rounds[name].append(folder)
     for name in names:
-        folder = args.out_dir / name
-        samples[SERVERS[name].name] = run_one(SERVERS[name], folder, args)
-        folders.append(str(folder))
+        pool(args.out_dir / name, rounds[name])
+    folders = [str(args.out_dir / name) for name in names]
     merge = [str(TGSERVE), "benchmark", "merge", *folders, "--out-dir", str(args.out_dir)]
     subprocess.run(merge, check=True)
     print(f"\ngreedy {SAMPLE_TOKENS} tokens after {SAMPLE_PROMPT!r}:")
-    for name, text in samples.items():
-        print(f"  {name:>10}: {text!r}")
-    if len(set(samples.values())) > 1:
+    for name, texts in samples.items():
+        print(f"  {name:>10}: {' / '.join(repr(t) for t in sorted(texts))}")
+    if len({text for texts in samples.values() for text in texts}) > 1:
         print("  (the texts differ: float32 rounding differs between engines)")
     log(f"done in {time.monotonic() - began:.0f}s")
     return 0
