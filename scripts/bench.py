@@ -255,9 +255,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def pool(folder: Path, round_folders: list[Path]) -> None:
     """The server's rounds as one benchmark.json in `folder` (tgserve.benchmark.rounds)."""
-    servers = [json.loads((f / "benchmark.json").read_text())["servers"][0] for f in round_folders]
-    report = json.loads((round_folders[0] / "benchmark.json").read_text())
-    report["servers"] = [pool_rounds(servers)]
+    reports = [json.loads((f / "benchmark.json").read_text()) for f in round_folders]
+    report = reports[0]
+    report["servers"] = [pool_rounds([r["servers"][0] for r in reports])]
     (folder / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
