@@ -28,10 +28,12 @@ def prompt(seed: int, length: int) -> list[int]:
 hf_greedy = reference_greedy
 
 
-def test_prefill_logits_match(arch) -> None:  # type: ignore[no-untyped-def]
+# 150 tokens: a prefill past the packed linear's AMX threshold (128 rows) where the CPU has AMX.
+@pytest.mark.parametrize("length", [40, 150])
+def test_prefill_logits_match(arch, length: int) -> None:  # type: ignore[no-untyped-def]
     name, folder, reference = arch
     h = Harness(folder)
-    ids = prompt(1, 40)
+    ids = prompt(1, length)
     h.add([h.request(1, ids, 1, prefill_logprobs=True, top_n_tokens=3)])
     with torch.no_grad():
         ref = torch.log_softmax(reference(torch.tensor([ids])).logits[0].float(), -1)

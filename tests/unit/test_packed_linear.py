@@ -56,6 +56,31 @@ def test_matches_f_linear_for_every_batch_size(k: int, with_bias: bool) -> None:
 
 
 @needs_kernel
+def test_amx_takes_the_larger_batches_where_the_cpu_has_tiles() -> None:
+    has_amx = cpu_kernels.cpu_capability() == "AVX512_AMX"
+    min_rows = cpu_kernels.linear_amx_min_rows()
+    assert (min_rows > 0) == has_amx
+    if not has_amx:
+        return  # no tiles on this CPU: the AVX path above is the only one
+    # Both sides of the switch, rows that are not a multiple of the 32-row block, K past one
+    # 1 MiB chunk of x's pieces (several chunks at 1536), N with an odd panel count, and a bias:
+    # float32 accuracy, as the AVX kernel's (assert_matches).
+    gen = torch.Generator().manual_seed(7)
+    for k, n in ((576, 960), (1536, 576), (70, 100), (33, 17)):
+        weight, bias = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+        panels = cpu_kernels.pack_linear_weight(weight)
+        for m in (min_rows - 1, min_rows, min_rows + 5, 3 * min_rows + 17):
+            x = torch.randn(m, k, generator=gen)
+            assert_matches(cpu_kernels.packed_linear(x, panels, n, bias), x, weight, bias)
+            assert_matches(cpu_kernels.packed_linear(x, panels, n, None), x, weight, None)
+    # Inputs past bfloat16's range of exact pieces still come out right: a float32 is the sum
+    # of its three bfloat16 pieces whatever its exponent.
+    weight = torch.randn(64, 576, generator=gen) * 1e-3
+    x = torch.randn(min_rows, 576, generator=gen) * 1e4
+    assert_matches(packed(x, weight, None), x, weight, None)
+
+
+@needs_kernel
 def test_pack_layout_is_panels_of_transposed_rows() -> None:
     width = cpu_kernels.linear_panel_width()
     weight = torch.arange((3 * width - 2) * 5, dtype=torch.float32).view(3 * width - 2, 5)

@@ -204,3 +204,7 @@ def test_compile_flags_are_portable() -> None:
     assert "-march=native" not in cpu_kernels.compile_flags("AVX512")
     assert "-mavx2" in cpu_kernels.compile_flags("AVX2")
     assert "-mavx2" not in cpu_kernels.compile_flags("DEFAULT")
+    # AMX code only where the CPU has tiles: a binary built for AVX-512 alone must not carry it.
+    assert "-mamx-tile" in cpu_kernels.compile_flags("AVX512_AMX")
+    assert "-mavx512f" in cpu_kernels.compile_flags("AVX512_AMX")
+    assert "-mamx-tile" not in cpu_kernels.compile_flags("AVX512")

@@ -27,11 +27,12 @@ _SOURCES = [
     Path(__file__).parent / "csrc" / name
     for name in (
         "paged_attention.cpp", "packed_linear.cpp", "fused_ops.cpp", "decode_layer.cpp",
-        "greedy.cpp", "prefill_attention.cpp",
+        "greedy.cpp", "prefill_attention.cpp", "amx_linear.cpp",
     )
 ]
 # CPUs on which torch itself runs AVX2+FMA kernels; anything else gets portable -O3 code.
-_AVX2_CAPABILITIES = frozenset({"AVX2", "AVX512"})
+_AVX2_CAPABILITIES = frozenset({"AVX2", "AVX512", "AVX512_AMX"})
+_AVX512_CAPABILITIES = frozenset({"AVX512", "AVX512_AMX"})
 
 
 def available() -> bool:
@@ -93,6 +94,11 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
 def linear_panel_width() -> int:
     """Output columns per panel, fixed by the vector width the kernels were compiled for."""
     return int(_ops().linear_panel_width())
+
+
+def linear_amx_min_rows() -> int:
+    """Rows from which packed_linear multiplies on AMX tiles (amx_linear.cpp); 0 without AMX."""
+    return int(_ops().linear_amx_min_rows())
 
 
 def packed_linear(
@@ -160,9 +166,19 @@ def compile_flags(capability: str) -> list[str]:
     flags = ["-O3", "-fopenmp"]
     if capability in _AVX2_CAPABILITIES:  # F16C: every AVX2 CPU has it (float16 KV cache rows)
         flags += ["-mavx2", "-mfma", "-mf16c"]
-    if capability == "AVX512":  # 32 registers of 16 floats: the packed linear's wider tiles
+    if capability in _AVX512_CAPABILITIES:  # 32 registers of 16 floats: the packed linear's tiles
         flags += ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq"]
+    if capability == "AVX512_AMX":  # tile registers: amx_linear.cpp, the larger batches' linears
+        flags += ["-mamx-tile", "-mamx-bf16"]
     return flags
+
+
+def cpu_capability() -> str:
+    """torch's ISA level for this CPU, with AMX (Intel Xeon 4th generation on) told apart."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX512" and torch.cpu._is_amx_tile_supported():
+        return "AVX512_AMX"
+    return capability
 
 
 def build_directory(capability: str) -> Path:
@@ -181,7 +197,7 @@ def _load() -> Any | None:
             "%s not found: C++ CPU kernels off, using the torch path", missing
         )
         return None
-    capability = torch.backends.cpu.get_cpu_capability()
+    capability = cpu_capability()
     try:
         _build(cpp_extension, build_directory(capability), compile_flags(capability))
     except (RuntimeError, OSError) as err:  # a compile error: the message carries the build log

@@ -23,6 +23,9 @@
 // loads per FMA: whole batch-8 and batch-12 decode steps took 15 % less time (39.2 -> 33.4 and
 // 45.1 -> 37.8 ms; 5-7 % at 2 and 4 rows) on an Intel Xeon. One row keeps its single stream.
 //
+// From kAmxMinRows rows up, on a CPU with AMX tiles, amx_linear.cpp multiplies the same panels
+// instead, to float32 accuracy.
+//
 // x is repacked per call into tiles laid out [K][rows], so that a tile's MR scalars of one k are
 // contiguous: the kernel addresses them from one pointer, where MR row pointers would not fit in
 // the general registers and were spilled to the stack.
@@ -51,6 +54,7 @@
 #include <optional>
 #include <vector>
 
+#include "amx_linear.h"
 #include "kernels.h"
 #include "simd.h"
 
@@ -80,6 +84,12 @@ constexpr int64_t kAhead = 6144 / (kPanel * 4);
 // into L2 (see run()): two blocks on measured better than one, three or four (Intel Xeon, 30
 // layers of the default model's linears from DRAM, 64 rows: 53.9 ms, 50.3 at one, 48.0 at two).
 constexpr int64_t kPrefetchBlocks = 2;
+// From this many rows up (a prefill) the AMX kernel takes over where the CPU has tiles
+// (amx_linear.cpp): each 16-column panel pair is converted to bfloat16 pieces once and met by many
+// rows. Intel Xeon, 30 layers of the default model's linears, alternating in one process: 256
+// rows 195 -> 148 ms, 128 rows 97 -> 91; at 64 rows the conversion, which streams W from memory
+// before the tiles can start, left it behind (55 -> 58 ms), at 16 rows far behind (30 -> 40).
+constexpr int64_t kAmxMinRows = 128;
 
 struct Problem {
   const float* x;     // tiles of x: the tile of rows [m0, m0 + MR) is [K][MR] at x + m0 * k
@@ -280,6 +290,8 @@ namespace tgserve_kernels {
 
 int64_t panel_width() { return kPanel; }
 
+int64_t amx_min_rows() { return amx_available() ? kAmxMinRows : 0; }
+
 // [N, K] -> [ceil(N / kPanel), K, kPanel], zero-padded past N.
 at::Tensor pack_linear_weight(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2, "weight must be [N, K]");
@@ -322,6 +334,10 @@ at::Tensor packed_linear(const at::Tensor& x_in, const at::Tensor& packed, int64
   const int64_t m = x.size(0), k = x.size(1);
   at::Tensor y = at::empty({m, n}, x.options());
   if (m == 0) return y;
+  if (m >= kAmxMinRows &&
+      amx_linear(x.data_ptr<float>(), x.stride(0), m, k, packed.data_ptr<float>(), n,
+                 b.has_value() ? b->data_ptr<float>() : nullptr, y.data_ptr<float>()))
+    return y;
   const bool wide = (m > 1 && m <= kWideMR) || m >= kWideMinRows;  // kWideMR is 0 on AVX2
   const auto chunks = tiling(m, wide ? kWideMR : kMaxMR);
   // One row is its own [K][1] tile: a decode step at batch 1 skips the copy.
@@ -365,6 +381,7 @@ at::Tensor packed_rows(const at::Tensor& ids_in, const at::Tensor& packed, int64
 
 TORCH_LIBRARY_FRAGMENT(tgserve_cpu, m) {
   m.def("linear_panel_width() -> int", &tgserve_kernels::panel_width);
+  m.def("linear_amx_min_rows() -> int", &tgserve_kernels::amx_min_rows);
   m.def("pack_linear_weight(Tensor weight) -> Tensor");
   m.def("packed_linear(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor");
   m.def("packed_rows(Tensor ids, Tensor packed, int n) -> Tensor");
