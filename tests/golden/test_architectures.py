@@ -28,7 +28,7 @@ def prompt(seed: int, length: int) -> list[int]:
 hf_greedy = reference_greedy
 
 
-# 150 tokens: a prefill past the packed linear's AMX threshold (128 rows) where the CPU has AMX.
+# 150 tokens: a prefill past the packed linear's AMX threshold (80 rows) where the CPU has AMX.
 @pytest.mark.parametrize("length", [40, 150])
 def test_prefill_logits_match(arch, length: int) -> None:  # type: ignore[no-untyped-def]
     name, folder, reference = arch

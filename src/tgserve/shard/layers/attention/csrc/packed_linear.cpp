@@ -84,12 +84,12 @@ constexpr int64_t kAhead = 6144 / (kPanel * 4);
 // into L2 (see run()): two blocks on measured better than one, three or four (Intel Xeon, 30
 // layers of the default model's linears from DRAM, 64 rows: 53.9 ms, 50.3 at one, 48.0 at two).
 constexpr int64_t kPrefetchBlocks = 2;
-// From this many rows up (a prefill) the AMX kernel takes over where the CPU has tiles
-// (amx_linear.cpp): each 16-column panel pair is converted to bfloat16 pieces once and met by many
-// rows. Intel Xeon, 30 layers of the default model's linears, alternating in one process: 256
-// rows 195 -> 148 ms, 128 rows 97 -> 91; at 64 rows the conversion, which streams W from memory
-// before the tiles can start, left it behind (55 -> 58 ms), at 16 rows far behind (30 -> 40).
-constexpr int64_t kAmxMinRows = 128;
+// From this many rows up (a prefill, a mixed step) the AMX kernel takes over where the CPU has
+// tiles (amx_linear.cpp): each pair of 16-column panels is converted to bfloat16 pieces once and
+// met by many rows. Intel Xeon, 30 layers of the default model's linears, alternating in one
+// process: 256 rows 191 -> 133 ms, 96 rows 71 -> 61; 64 rows even (50 -> 47), 48 rows behind
+// (41 -> 46): a few rows leave the conversion, which streams W from memory, too little to hide.
+constexpr int64_t kAmxMinRows = 80;
 
 struct Problem {
   const float* x;     // tiles of x: the tile of rows [m0, m0 + MR) is [K][MR] at x + m0 * k
