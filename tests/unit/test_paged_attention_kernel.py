@@ -208,3 +208,20 @@ def test_compile_flags_are_portable() -> None:
     assert "-mamx-tile" in cpu_kernels.compile_flags("AVX512_AMX")
     assert "-mavx512f" in cpu_kernels.compile_flags("AVX512_AMX")
     assert "-mamx-tile" not in cpu_kernels.compile_flags("AVX512")
+
+
+def test_an_amx_build_that_fails_falls_back_to_avx512(monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[list[str]] = []
+
+    def build(cpp_extension, directory, flags):  # type: ignore[no-untyped-def]
+        built.append(flags)
+        if "-mamx-tile" in flags:
+            raise RuntimeError("cc1plus: error: unrecognized command-line option '-mamx-tile'")
+
+    monkeypatch.setattr(cpu_kernels, "_build", build)
+    ops, capability = cpu_kernels.build_with_fallback(None, "AVX512_AMX")
+    assert capability == "AVX512" and ops is not None
+    assert "-mamx-tile" in built[0] and "-mamx-tile" not in built[1] and "-mavx512f" in built[1]
+    # Any other failure is final: the torch path.
+    monkeypatch.setattr(cpu_kernels, "_build", lambda *a: (_ for _ in ()).throw(OSError("no cc")))
+    assert cpu_kernels.build_with_fallback(None, "AVX2") == (None, "AVX2")

@@ -176,7 +176,8 @@ def compile_flags(capability: str) -> list[str]:
 def cpu_capability() -> str:
     """torch's ISA level for this CPU, with AMX (Intel Xeon 4th generation on) told apart."""
     capability = torch.backends.cpu.get_cpu_capability()
-    if capability == "AVX512" and torch.cpu._is_amx_tile_supported():
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: absent in some torch
+    if capability == "AVX512" and amx is not None and amx():
         return "AVX512_AMX"
     return capability
 
@@ -197,11 +198,39 @@ def _load() -> Any | None:
             "%s not found: C++ CPU kernels off, using the torch path", missing
         )
         return None
-    capability = cpu_capability()
+    ops, capability = build_with_fallback(cpp_extension, cpu_capability())
+    if ops is None:
+        logger.warning("C++ CPU kernels off, using the torch path")
+    else:
+        _built.append(capability)
+    return ops
+
+
+def build_with_fallback(cpp_extension: ModuleType, capability: str) -> tuple[Any | None, str]:
+    """(the loaded ops or None, the ISA level built): a compiler without AMX (GCC before 11)
+    still builds the AVX-512 kernels on an AMX CPU."""
+    ops = _build_or_none(cpp_extension, capability)
+    if ops is None and capability == "AVX512_AMX":
+        capability = "AVX512"
+        ops = _build_or_none(cpp_extension, capability)
+    return ops, capability
+
+
+# The ISA level the loaded kernels were built for (cpu_capability(), or AVX512 after a failed AMX
+# build); empty until they are.
+_built: list[str] = []
+
+
+def built_capability() -> str | None:
+    """The ISA level the loaded kernels were built for, None without kernels."""
+    return _built[-1] if available() else None
+
+
+def _build_or_none(cpp_extension: ModuleType, capability: str) -> Any | None:
     try:
         _build(cpp_extension, build_directory(capability), compile_flags(capability))
     except (RuntimeError, OSError) as err:  # a compile error: the message carries the build log
-        logger.warning("C++ CPU kernels failed to build, using the torch path: %s", err)
+        logger.warning("C++ CPU kernels failed to build for %s: %s", capability, err)
         return None
     return torch.ops.tgserve_cpu
 
