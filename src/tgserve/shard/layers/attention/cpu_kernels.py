@@ -187,8 +187,13 @@ def build_directory(capability: str) -> Path:
     return cache_dir() / "torch_extensions" / f"torch{torch.__version__}-{capability.lower()}"
 
 
-@functools.cache
 def _load() -> Any | None:
+    return _loaded()[0]
+
+
+@functools.cache
+def _loaded() -> tuple[Any | None, str | None]:
+    """(the ops, the ISA level they were built for), or (None, None) without kernels."""
     from torch.utils import cpp_extension  # imports setuptools: only pay for it when asked
 
     _expose_venv_ninja()
@@ -197,13 +202,12 @@ def _load() -> Any | None:
         logger.warning(
             "%s not found: C++ CPU kernels off, using the torch path", missing
         )
-        return None
+        return None, None
     ops, capability = build_with_fallback(cpp_extension, cpu_capability())
     if ops is None:
         logger.warning("C++ CPU kernels off, using the torch path")
-    else:
-        _built.append(capability)
-    return ops
+        return None, None
+    return ops, capability
 
 
 def build_with_fallback(cpp_extension: ModuleType, capability: str) -> tuple[Any | None, str]:
@@ -216,14 +220,10 @@ def build_with_fallback(cpp_extension: ModuleType, capability: str) -> tuple[Any
     return ops, capability
 
 
-# The ISA level the loaded kernels were built for (cpu_capability(), or AVX512 after a failed AMX
-# build); empty until they are.
-_built: list[str] = []
-
-
 def built_capability() -> str | None:
-    """The ISA level the loaded kernels were built for, None without kernels."""
-    return _built[-1] if available() else None
+    """The ISA level the loaded kernels were built for (cpu_capability(), or AVX512 after a failed
+    AMX build), None without kernels."""
+    return _loaded()[1]
 
 
 def _build_or_none(cpp_extension: ModuleType, capability: str) -> Any | None:

@@ -17,8 +17,8 @@
 // every row tile of the chunk by them, from L2, and converts the next pair in between (the
 // vector units and the memory stream then work while the tile unit multiplies: 30 layers of the
 // default model's linears, 256 rows, 149 -> 133 ms). A 32 x 32 block of y is four accumulator
-// tiles; per k block each A piece is loaded once and met by the B pieces its terms need (18 tile loads
-// for 24 multiplies, not 24 for 24).
+// tiles; per k block each A piece is loaded once and met by the B pieces its terms need (18 tile
+// loads for 24 multiplies, not 24 for 24).
 
 #include "amx_linear.h"
 
@@ -164,35 +164,35 @@ inline void multiply_block(const uint16_t* a0, const uint16_t* a1, const uint16_
   }
 }
 
-struct Job {
-  const uint16_t* xt;  // row tiles of x
-  const float* w;      // panels [panels][K][16]
-  const float* bias;   // [N] or null
-  float* y;            // [M, N]
-  int64_t m, n, k, blocks, panels;
+// Where the accumulators go.
+struct Output {
+  const float* bias;  // [N] or null
+  float* y;           // [M, N]
+  int64_t m, n;
 };
 
 // The 32 x 32 block of y at rows m0, columns of panels (p, p + 1), from the four accumulators:
 // straight into y where it all lies inside, through a scratch block at the edges; bias added.
-void store_block(const Job& job, int64_t m0, int64_t panel, float (&scratch)[32][32]) {
+void store_block(const Output& target, int64_t m0, int64_t panel, float (&scratch)[32][32]) {
   const int64_t col = panel * kPanel;
-  const int64_t rows = std::min<int64_t>(32, job.m - m0), cols = std::min<int64_t>(32, job.n - col);
-  float* out = job.y + m0 * job.n + col;
+  const int64_t rows = std::min<int64_t>(32, target.m - m0);
+  const int64_t cols = std::min<int64_t>(32, target.n - col);
+  float* out = target.y + m0 * target.n + col;
   const bool inside = rows == 32 && cols == 32;
   float* dst = inside ? out : &scratch[0][0];
-  const int64_t ld = inside ? job.n : 32;
+  const int64_t ld = inside ? target.n : 32;
   _tile_stored(0, dst, ld * 4);
   _tile_stored(1, dst + 16, ld * 4);
   _tile_stored(2, dst + 16 * ld, ld * 4);
   _tile_stored(3, dst + 16 * ld + 16, ld * 4);
-  if (inside && job.bias == nullptr) return;
+  if (inside && target.bias == nullptr) return;
   const __mmask16 lo = lanes_below(cols), hi = lanes_below(cols - 16);
   const __m512 zero = _mm512_setzero_ps();
-  const __m512 bias0 = job.bias ? _mm512_maskz_loadu_ps(lo, job.bias + col) : zero;
-  const __m512 bias1 = job.bias ? _mm512_maskz_loadu_ps(hi, job.bias + col + 16) : zero;
+  const __m512 bias0 = target.bias ? _mm512_maskz_loadu_ps(lo, target.bias + col) : zero;
+  const __m512 bias1 = target.bias ? _mm512_maskz_loadu_ps(hi, target.bias + col + 16) : zero;
   for (int64_t r = 0; r < rows; ++r) {
     const float* src = dst + r * ld;
-    float* row = out + r * job.n;
+    float* row = out + r * target.n;
     _mm512_mask_storeu_ps(row, lo, _mm512_add_ps(_mm512_maskz_loadu_ps(lo, src), bias0));
     _mm512_mask_storeu_ps(row + 16, hi, _mm512_add_ps(_mm512_maskz_loadu_ps(hi, src + 16), bias1));
   }
@@ -211,7 +211,7 @@ bool amx_linear(const float* x, int64_t ldx, int64_t m, int64_t k, const float* 
                 const float* bias, float* y) {
   if (!amx_available()) return false;
   const int64_t blocks = (k + kBlockK - 1) / kBlockK;
-  const int64_t row_tiles = (m + 31) / 32 * 2;  // pairs of row tiles
+  const int64_t row_tiles = (m + 31) / 32 * 2;  // whole pairs: a pair is one multiply's rows
   const int64_t tile_stride = blocks * kPieces * kTile;
   const TileBuffer xt = tile_buffer(row_tiles * tile_stride);
   at::parallel_for(0, row_tiles, 1, [&](int64_t t0, int64_t t1) {
@@ -219,7 +219,7 @@ bool amx_linear(const float* x, int64_t ldx, int64_t m, int64_t k, const float* 
       cut_x_tile(x, ldx, m, k, t * 16, blocks, xt.get() + t * tile_stride);
   });
   const int64_t panels = (n + kPanel - 1) / kPanel, pairs = (panels + 1) / 2;
-  const Job job{xt.get(), packed, bias, y, m, n, k, blocks, panels};
+  const Output target{bias, y, m, n};
   // Chunks of row-tile pairs whose pieces fit kChunkBytes; tasks (chunk, run of panel pairs)
   // taken first come first served, as in packed_linear.cpp.
   const int64_t pair_bytes = 2 * tile_stride * 2;
@@ -272,7 +272,7 @@ bool amx_linear(const float* x, int64_t ldx, int64_t m, int64_t k, const float* 
       const int64_t steps = (rp1 - rp0) * blocks;
       int64_t step = 0, done = 0;
       for (int64_t rp = rp0; rp < rp1; ++rp) {
-        const uint16_t* a0 = job.xt + 2 * rp * tile_stride;
+        const uint16_t* a0 = xt.get() + 2 * rp * tile_stride;
         const uint16_t* a1 = a0 + tile_stride;
         _tile_zero(0);
         _tile_zero(1);
@@ -285,7 +285,7 @@ bool amx_linear(const float* x, int64_t ldx, int64_t m, int64_t k, const float* 
           const int64_t off = b * kPieces * kTile;
           multiply_block(a0 + off, a1 + off, w0 + off, w0 + tile_stride + off);
         }
-        store_block(job, rp * 32, 2 * item.pair, scratch);
+        store_block(target, rp * 32, 2 * item.pair, scratch);
       }
       if (ahead)
         for (; done < units; ++done) cut(following.pair, done, wt[cur ^ 1]);
