@@ -1,4 +1,7 @@
-"""`tgserve` (alias `text-generation-launcher`): the launcher, plus internal subcommands."""
+"""`tgserve` (alias `text-generation-launcher`): the launcher, plus internal subcommands.
+
+`tgserve shard` and `tgserve router` are the launcher's children: they take no flags and read the
+launcher's configuration from the environment (env.child_config)."""
 
 from __future__ import annotations
 
@@ -28,18 +31,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def launch(argv: list[str]) -> int:
-    from tgserve.launcher.args import parse
+    from tgserve.launcher.args import parse_command
     from tgserve.launcher.supervisor import Supervisor
     from tgserve.logs import setup_logging
 
-    args = parse(argv)
-    setup_logging(json_output=args.json_output, component="launcher")
-    if args.env:
+    config, show_env = parse_command(argv)
+    setup_logging(json_output=config.json_output, component="launcher")
+    if show_env:
         from tgserve.launcher.runtime_env import print_env
 
         print_env()
         return 0
-    return Supervisor(args).run()
+    return Supervisor(config).run()
 
 
 if __name__ == "__main__":

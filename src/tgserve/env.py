@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tgserve.config import Config
+
 
 def flag_default(flag: str) -> str | None:
     """TGI reads every launcher flag from an env var named after it (--max-input-tokens: MAX_INPUT_TOKENS)."""
@@ -37,9 +39,32 @@ def decode_ahead_max_batch() -> int:
     return DECODE_AHEAD_MAX_BATCH if value in (None, "") else max(int(value), 0)
 
 
-def child_environment(extra: dict[str, str]) -> dict[str, str]:
+# The launcher's Config, serialized, in the environment of each child: an environment variable
+# rather than argv, so that an API key is not shown by `ps` to other users.
+CONFIG_VARIABLE = "TGSERVE_CONFIG"
+
+
+def child_config() -> Config:
+    """The Config the launcher handed this child process."""
+    text = os.environ.get(CONFIG_VARIABLE)
+    if not text:
+        raise RuntimeError(
+            f"{CONFIG_VARIABLE} is not set: `tgserve shard` and `tgserve router` are started by "
+            "the launcher (`tgserve`), not by hand"
+        )
+    return Config.from_json(text)
+
+
+def rank() -> int:
+    """This shard's rank, as torch.distributed names it (RANK, set by the launcher)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def child_environment(extra: dict[str, str], config: Config | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(extra)
+    if config is not None:
+        env[CONFIG_VARIABLE] = config.to_json()
     return env
 
 
@@ -54,8 +79,10 @@ SHARD_DEFAULTS = {
 }
 
 
-def shard_environment(extra: dict[str, str]) -> dict[str, str]:
+def shard_environment(extra: dict[str, str], config: Config | None = None) -> dict[str, str]:
     """A shard's environment: the launcher's, SHARD_DEFAULTS where it is silent, then `extra`."""
     env = {**SHARD_DEFAULTS, **os.environ}
     env.update(extra)
+    if config is not None:
+        env[CONFIG_VARIABLE] = config.to_json()
     return env

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from tgserve.shard.generation import Generation
 from tgserve.shard.generator import Generator, NewRequest
 from tgserve.shard.loading.loaders import load_model
-from tgserve.shard.sampling.params import SamplingParams, StoppingParams
+from tgserve.shard.sampling.params import SamplingParams, StoppingParams, Watermark
 
 # The engine's device in these tests. The reference (transformers) always runs on the CPU, so
 # TGSERVE_TEST_DEVICE=cuda checks the GPU path against the same float32 answers.
@@ -40,13 +40,15 @@ class Harness:
         eos: frozenset[int] = frozenset(),
         ahead: bool = False,
         kv_dtype: torch.dtype | None = None,
+        watermark: Watermark = Watermark(),
     ) -> None:
         """With `ahead`, every step's batch has its next step computed at once, as a shard does
         for small batches (Generator.decode_ahead): joins, leaves and cancels then meet it."""
         model = load_model(model_dir, DEVICE, "float32", gguf_file=gguf_file)
         self.model_dir, self.gguf_file = model_dir, gguf_file
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.generator = Generator(model, self.tokenizer, eos, block_size, kv_dtype=kv_dtype)
+        self.generator = Generator(model, self.tokenizer, eos, block_size, kv_dtype=kv_dtype,
+                                   watermark=watermark)
         self.generator.allocate_kv_cache(num_blocks)
         self.block_size = block_size
         self.ahead = ahead

@@ -143,3 +143,30 @@ def test_finished_requests_kv_pages_are_released_only_when_asked(llama, release:
     assert (zeroed >= 32) if release else (zeroed == 0)
     assert h.outputs[2].ids == reference.outputs[2].ids
     assert h.outputs[1].ids == reference.outputs[1].ids
+
+
+def _green_share(ids: list[int], first_prev: int, gamma: float, vocab: int) -> float:
+    """A detector's view: the share of tokens in the greenlist that their previous token seeds."""
+    from tgserve.shard.sampling.functional import greenlist
+
+    prevs = [first_prev, *ids[:-1]]
+    hits = [tok in set(greenlist(vocab, prev, gamma).tolist()) for prev, tok in zip(prevs, ids)]
+    return sum(hits) / len(hits)
+
+
+def test_the_server_watermark_reaches_sampling(llama) -> None:  # type: ignore[no-untyped-def]
+    """--watermark-gamma/--watermark-delta reach the chooser: the same watermarked request is
+    green under the server's gamma, and a detector tuned to 0.25 tells 0.25 from 0.5."""
+    from tgserve.shard.sampling.params import Watermark
+
+    ids = prompt(30, 12)
+    params = SamplingParams(do_sample=True, seed=5, watermark=True)
+    shares = {}
+    for gamma in (0.25, 0.5):
+        h = Harness(llama, watermark=Watermark(gamma=gamma, delta=12.0))
+        h.add([h.request(1, ids, 32, params=params)])
+        h.run_to_end()
+        vocab = h.generator.model.dims.vocab_size
+        shares[gamma] = _green_share(h.outputs[1].ids, ids[-1], 0.25, vocab)
+    assert shares[0.25] >= 0.9  # nearly every token green in the 0.25 list
+    assert shares[0.5] <= 0.75  # about half: green in the 0.5 list, of which the 0.25 is half

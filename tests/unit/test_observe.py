@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import re
-from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.unit.test_native_api import FakeBackend, tokenizer  # noqa: F401 - fixture
-from tgserve.launcher.supervisor import router_argv, shard_argv, shard_service_name
+from tgserve.launcher.supervisor import resolved, router_command, shard_command
 from tgserve.launcher.weights import ModelSource
 from tgserve.logs import JsonFormatter, ReadableFormatter
 from tgserve.pb import generate_pb2
@@ -261,18 +260,21 @@ def test_no_traces_means_no_metadata() -> None:
 
 
 def test_launcher_passes_tracing_and_prompt_flags() -> None:
+    from tgserve.config import Config
+    from tgserve.env import CONFIG_VARIABLE
     from tgserve.launcher.args import parse
 
-    args: Namespace = parse(["--otlp-endpoint", "http://127.0.0.1:4317", "--log-prompts"])
     source = ModelSource(model_id="m", path=Path("/m"), gguf_file=None, revision=None)
-    shard = shard_argv(args, source, 0, 1)
-    assert shard[shard.index("--otlp-endpoint") + 1] == "http://127.0.0.1:4317"
-    assert shard[shard.index("--otlp-service-name") + 1] == "text-generation-inference.server"
-    router = router_argv(args, source)
-    assert "--log-prompts" in router
-    assert router[router.index("--otlp-endpoint") + 1] == "http://127.0.0.1:4317"
-    assert "--log-prompts" not in router_argv(parse([]), source)
-    assert shard_service_name("mine") == "mine.server"
+    config = resolved(parse(["--otlp-endpoint", "http://127.0.0.1:4317", "--log-prompts"]),
+                      source, 1)
+    shard = Config.from_json(shard_command(config, 0)[1][CONFIG_VARIABLE])
+    assert shard.otlp_endpoint == "http://127.0.0.1:4317"
+    assert shard.shard_service_name == "text-generation-inference.server"
+    router = Config.from_json(router_command(config)[1][CONFIG_VARIABLE])
+    assert router.log_prompts and router.otlp_endpoint == "http://127.0.0.1:4317"
+    assert router.otlp_service_name == "text-generation-inference.router"
+    assert not parse([]).log_prompts
+    assert Config(otlp_service_name="mine").shard_service_name == "mine.server"
 
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -43,7 +43,7 @@ def test_the_launcher_spawns_shards_with_that_environment(
     launcher = supervisor.Supervisor(parse(["--shard-uds-path", str(tmp_path / "uds")]))
     source = ModelSource(model_id="m", path=tmp_path, gguf_file=None, revision=None)
     with pytest.raises(_Spawned):
-        launcher._start_shards(source, 1)
+        launcher._start_shards(supervisor.resolved(launcher.config, source, 1))
     assert seen[0]["THP_MEM_ALLOC_ENABLE"] == "1" and seen[0]["RANK"] == "0"
 
 

@@ -82,8 +82,9 @@ RULES: list[tuple[dict[str, Any], str, str]] = [
     ),
     ({}, words(11), "`inputs` must have less than 10 tokens. Given: 12"),
     ({"max_new_tokens": 2}, words(11), "`inputs` must have less than 10 tokens. Given: 12"),
-    ({"grammar": {"type": "regex", "value": "a+"}}, "hi", "grammar is not supported"),
-    ({"grammar": {"type": "json", "value": {"properties": {}}}}, "hi", "grammar is not supported"),
+    ({"grammar": {"type": "regex", "value": "a+"}}, "hi", "grammar is not supported yet by tgserve"),
+    ({"grammar": {"type": "json", "value": {"properties": {}}}}, "hi",
+     "grammar is not supported yet by tgserve"),
     # Order: the earlier rule wins when several are broken.
     ({"temperature": 0.0, "top_p": 0.0}, "hi", "`temperature` must be strictly positive"),
     ({"top_p": 0.0, "top_k": 0}, "hi", "`top_p` must be > 0.0 and < 1.0"),
@@ -114,6 +115,13 @@ def test_validate_rule_message(params: dict[str, Any], inputs: str, message: str
     with pytest.raises(ValidationError) as info:
         validate(GenerateParameters(**params), inputs, encode, LIMITS)
     assert str(info.value) == message
+
+
+def test_disable_grammar_support_gives_tgis_message() -> None:
+    limits = Limits(grammar_support=False)
+    with pytest.raises(ValidationError) as info:
+        validate(GenerateParameters(grammar={"type": "regex", "value": "a+"}), "hi", encode, limits)
+    assert str(info.value) == "grammar is not supported"
 
 
 def test_best_of_disabled_when_max_best_of_is_one() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from tgserve import env as environment
+from tgserve.config import Config
 from tgserve.launcher.processes import Child, python_command, remove_stale
 from tgserve.isolated import in_child_process
 from tgserve.launcher.source import ModelSource
@@ -22,122 +23,79 @@ class LauncherError(RuntimeError):
     pass
 
 
-def shard_argv(args: argparse.Namespace, source: ModelSource, rank: int, world: int) -> list[str]:
-    argv = python_command(
-        "shard", "--model-path", str(source.path), "--uds-path", args.shard_uds_path,
-        "--rank", str(rank), "--world-size", str(world),
-        "--master-addr", args.master_addr, "--master-port", str(args.master_port),
-        "--memory-fraction", str(args.cuda_memory_fraction), "--threads", str(args.threads),
+def shard_command(config: Config, rank: int) -> tuple[list[str], dict[str, str]]:
+    """A shard's command line and environment: the whole configuration travels in the latter."""
+    extra = {"RANK": str(rank), "WORLD_SIZE": str(config.world_size),
+             "MASTER_ADDR": config.master_addr, "MASTER_PORT": str(config.master_port)}
+    return python_command("shard"), environment.shard_environment(extra, config)
+
+
+def router_command(config: Config) -> tuple[list[str], dict[str, str]]:
+    return python_command("router"), environment.child_environment({}, config)
+
+
+def resolved(config: Config, source: ModelSource, world_size: int) -> Config:
+    """The configuration the children get: the flags plus what the launcher found."""
+    return dataclasses.replace(
+        config, model_name=source.model_id, model_path=str(source.path),
+        gguf_file=str(source.gguf_file) if source.gguf_file is not None else None,
+        world_size=world_size,
     )
-    if source.gguf_file is not None:
-        argv += ["--gguf-file", str(source.gguf_file)]
-    if args.dtype:
-        argv += ["--dtype", args.dtype]
-    if args.kv_cache_dtype:
-        argv += ["--kv-cache-dtype", args.kv_cache_dtype]
-    if args.kv_cache_memory:
-        argv += ["--kv-cache-memory", args.kv_cache_memory]
-    if args.json_output:
-        argv.append("--json-output")
-    if args.otlp_endpoint:
-        argv += ["--otlp-endpoint", args.otlp_endpoint,
-                 "--otlp-service-name", shard_service_name(args.otlp_service_name)]
-    return argv
-
-
-def shard_service_name(router_name: str) -> str:
-    """TGI's naming: `….router` for the router, `….server` for the shards."""
-    return router_name.removesuffix(".router") + ".server"
-
-
-ROUTER_FLAGS = (
-    "max_concurrent_requests", "max_best_of", "max_stop_sequences", "max_top_n_tokens",
-    "max_input_tokens", "max_total_tokens", "waiting_served_ratio", "max_batch_prefill_tokens",
-    "max_batch_total_tokens", "max_waiting_tokens", "max_batch_size", "max_step_prefill_tokens",
-    "hostname", "port",
-    "prometheus_port", "validation_workers", "api_key", "payload_limit", "max_client_batch_size",
-    "otlp_endpoint", "otlp_service_name", "graceful_termination_timeout", "tokenizer_config_path",
-)
-
-
-def router_argv(args: argparse.Namespace, source: ModelSource) -> list[str]:
-    argv = python_command(
-        "router", "--master-shard-uds-path", f"{args.shard_uds_path}-0",
-        "--tokenizer-name", str(source.path), "--model-id", source.model_id,
-    )
-    for name in ROUTER_FLAGS:
-        value = getattr(args, name)
-        if value is not None:
-            argv += [f"--{name.replace('_', '-')}", str(value)]
-    for origin in args.cors_allow_origin:
-        argv += ["--cors-allow-origin", origin]
-    if args.json_output:
-        argv.append("--json-output")
-    if args.disable_grammar_support:
-        argv.append("--disable-grammar-support")
-    if args.log_prompts:
-        argv.append("--log-prompts")
-    return argv
 
 
 class Supervisor:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
+    def __init__(self, config: Config) -> None:
+        self.config = config
         self.children: list[Child] = []
         self.stopping = threading.Event()
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
+        for notice in self.config.notices():
+            log.info("%s", notice)
         try:
-            source = self._resolve()
-            world = self._num_shard()
-            self._start_shards(source, world)
+            config = resolved(self.config, self._resolve(), self._num_shard())
+            self._start_shards(config)
             if self.stopping.is_set():
                 return self._shutdown(0)
-            router = Child.spawn("router", router_argv(self.args, source),
-                                 environment.child_environment({}))
-            self.children.append(router)
+            self.children.append(Child.spawn("router", *router_command(config)))
             return self._watch()
         except LauncherError as e:
             log.error("%s", e)
             return self._shutdown(1)
 
     def _resolve(self) -> ModelSource:
-        a = self.args
-        hub_cache = Path(a.huggingface_hub_cache) if a.huggingface_hub_cache else None
-        model_id = a.weights_cache_override or a.model_id
+        config = self.config
+        hub_cache = Path(config.huggingface_hub_cache) if config.huggingface_hub_cache else None
+        model_id = config.weights_cache_override or config.model_id
         try:
-            return in_child_process(_resolve_model, model_id, a.revision, hub_cache,
-                                    environment.cache_dir(), a.convert_pickle_weights,
-                                    a.json_output)
+            return in_child_process(_resolve_model, model_id, config.revision, hub_cache,
+                                    environment.cache_dir(), config.convert_pickle_weights,
+                                    config.json_output)
         except Exception as e:  # every resolution failure is the user's to fix: say what and why
             raise LauncherError(f"cannot resolve the model: {e}") from e
 
     def _num_shard(self) -> int:
-        if self.args.num_shard is not None:
-            return self.args.num_shard
-        if self.args.sharded:
+        if self.config.num_shard is not None:
+            return self.config.num_shard
+        if self.config.sharded:
             raise LauncherError("--sharded needs --num-shard on this machine (no GPUs to count)")
         return 1
 
-    def _start_shards(self, source: ModelSource, world: int) -> None:
-        for rank in range(world):
-            remove_stale(f"{self.args.shard_uds_path}-{rank}")
-            extra = {"RANK": str(rank), "WORLD_SIZE": str(world),
-                     "MASTER_ADDR": self.args.master_addr, "MASTER_PORT": str(self.args.master_port)}
-            argv = shard_argv(self.args, source, rank, world)
-            self.children.append(Child.spawn(f"shard-{rank}", argv,
-                                             environment.shard_environment(extra)))
-        deadline = time.monotonic() + self.args.shard_ready_timeout
-        pending = {f"{self.args.shard_uds_path}-{r}" for r in range(world)}
+    def _start_shards(self, config: Config) -> None:
+        for rank in range(config.world_size):
+            remove_stale(config.shard_socket(rank))
+            self.children.append(Child.spawn(f"shard-{rank}", *shard_command(config, rank)))
+        deadline = time.monotonic() + config.shard_ready_timeout
+        pending = {config.shard_socket(r) for r in range(config.world_size)}
         last_note = time.monotonic()
         while pending and not self.stopping.is_set():
             self._check_children()
             pending = {p for p in pending if not os.path.exists(p)}
             if time.monotonic() > deadline:
                 raise LauncherError(
-                    f"shards not ready after {self.args.shard_ready_timeout}s "
+                    f"shards not ready after {config.shard_ready_timeout}s "
                     f"(waiting for {sorted(pending)}); raise --shard-ready-timeout"
                 )
             if time.monotonic() - last_note > 10:
@@ -163,7 +121,7 @@ class Supervisor:
     def _shutdown(self, code: int) -> int:
         """Router first (it drains in-flight requests), then the shards."""
         # After a failure nothing useful can finish: do not make the user wait for the grace period.
-        grace = float(self.args.graceful_termination_timeout) if code == 0 else 2.0
+        grace = float(self.config.graceful_termination_timeout) if code == 0 else 2.0
         for child in sorted(self.children, key=lambda c: c.name != "router"):
             child.terminate(grace + 5 if child.name == "router" else 10)
         failed = [c for c in self.children if c.exit_code not in (0, -signal.SIGTERM, None)]

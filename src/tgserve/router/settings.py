@@ -26,6 +26,7 @@ class RouterSettings:
     validation_workers: int = 2
     model_id: str = ""
     compute_type: str = "gpu+optimized"  # x-compute-type header; TGI reads env COMPUTE_TYPE
+    grammar_support: bool = True
 
     def limits(self) -> Limits:
         return Limits(
@@ -34,4 +35,5 @@ class RouterSettings:
             max_top_n_tokens=self.max_top_n_tokens,
             max_input_tokens=self.max_input_tokens,
             max_total_tokens=self.max_total_tokens,
+            grammar_support=self.grammar_support,
         )

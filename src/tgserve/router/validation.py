@@ -22,6 +22,7 @@ class Limits:
     max_top_n_tokens: int = 5
     max_input_tokens: int = 4095
     max_total_tokens: int = 4096
+    grammar_support: bool = True  # False under --disable-grammar-support
 
 
 def _check(ok: bool, message: str) -> None:
@@ -167,7 +168,9 @@ def validate(
     if params.truncate is not None:
         input_ids = input_ids[-params.truncate :]  # left truncation keeps the prompt's end
     max_new_tokens = _resolve_max_new_tokens(params.max_new_tokens, len(input_ids), limits)
-    _check(params.grammar is None, "grammar is not supported")
+    # TGI's words when grammars are switched off; without the switch, say that it is tgserve's gap.
+    _check(params.grammar is None or limits.grammar_support, "grammar is not supported")
+    _check(params.grammar is None, "grammar is not supported yet by tgserve")
     return ValidRequest(
         inputs=inputs,
         input_ids=tuple(input_ids),

@@ -18,7 +18,7 @@ from tgserve.shard.models.base import CausalLM
 from tgserve.shard.runner import ForwardInputs, prepare_decode, prepare_forward
 from tgserve.shard.sampling.chooser import NextTokenChooser
 from tgserve.shard.sampling.logprobs import batch_top_tokens, prompt_logprobs, prompt_top_tokens
-from tgserve.shard.sampling.params import SamplingParams, StoppingParams
+from tgserve.shard.sampling.params import SamplingParams, StoppingParams, Watermark
 from tgserve.shard.sampling.stopping import StoppingCriteria
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,10 @@ class Generator:
         block_size: int = 16,
         release_finished_kv: bool = False,
         kv_dtype: torch.dtype | None = None,
+        watermark: Watermark = Watermark(),
     ) -> None:
         self.model = model
+        self.watermark = watermark
         self.kv_dtype = kv_dtype or model.dtype
         # Without a prefix cache nothing reads a finished request's blocks again: their pages can
         # go back to the OS at once (the router hands the blocks out again only after it has seen
@@ -162,6 +164,7 @@ class Generator:
         chooser = NextTokenChooser.from_params(
             [r.params for r in requests], [r.all_ids for r in requests],
             self.model.dims.vocab_size, self.device,
+            watermark_gamma=self.watermark.gamma, watermark_delta=self.watermark.delta,
         )
         joining = Batch(batch_id, requests, chooser, Batch.build_slot_table(requests, self.device))
         inputs = prepare_forward(running, requests, [r.cache_len for r in new], self.device)

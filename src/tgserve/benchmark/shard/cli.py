@@ -18,6 +18,7 @@ from typing import Any
 
 from tgserve import env
 from tgserve.benchmark.cli import parse_concurrency
+from tgserve.config import KV_CACHE_DTYPES, Config, parse_bytes
 from tgserve.benchmark.shard.measure import (
     BatchSizeResult,
     ShardBenchConfig,
@@ -28,7 +29,6 @@ from tgserve.benchmark.shard.measure import (
 )
 from tgserve.launcher.processes import Child, remove_stale
 from tgserve.launcher import supervisor
-from tgserve.launcher.args import KV_CACHE_DTYPES
 from tgserve.launcher.weights import resolve_model
 from tgserve.router.shard_client import ShardClient
 from tgserve.router.types import GenerationError
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--uds-path", help="measure the running shard on this socket instead of starting one")
     add("--dtype", help="float32, float16 or bfloat16 (default: the shard's choice)")
     add("--threads", type=int, default=0, help="torch threads of the shard (0: torch's choice)")
-    add("--kv-cache-memory", help="KV cache budget of the shard, e.g. 512MiB")
+    add("--kv-cache-memory", type=parse_bytes, help="KV cache budget of the shard, e.g. 512MiB")
     add("--kv-cache-dtype", choices=KV_CACHE_DTYPES, help="as the launcher's (default: the model's)")
     add("--batch-sizes", type=parse_concurrency, default=(1, 2, 4, 8, 16, 32), help="e.g. 1,8,32")
     add("--prompt-length", type=int, default=180, help="prompt tokens of every request")
@@ -69,18 +69,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def shard_argv(args: argparse.Namespace, uds_base: str) -> tuple[list[str], str]:
-    """The command of a one-rank shard for --model-id, and the model's name for the report."""
+def shard_config(args: argparse.Namespace, uds_base: str) -> Config:
+    """The launcher's configuration of a one-rank shard for --model-id, defaults elsewhere."""
     source = resolve_model(args.model_id, None, None, env.cache_dir())
-    # The launcher's own shard command line, with the launcher's defaults for what is not asked.
-    launch = argparse.Namespace(
-        shard_uds_path=uds_base, master_addr="localhost", master_port=_free_port(),
-        cuda_memory_fraction=1.0, threads=args.threads, dtype=args.dtype,
-        kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
-        json_output=False, otlp_endpoint=None,
-        otlp_service_name="",
-    )  # fmt: skip
-    return supervisor.shard_argv(launch, source, rank=0, world=1), source.model_id
+    config = Config(
+        shard_uds_path=uds_base, master_port=_free_port(), threads=args.threads,
+        dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
+        kv_cache_dtype=args.kv_cache_dtype,
+    )
+    return supervisor.resolved(config, source, world_size=1)
 
 
 @contextlib.contextmanager
@@ -89,8 +86,10 @@ def started_shard(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
     uds_base = os.path.join(tempfile.gettempdir(), f"tgserve-shard-bench-{os.getpid()}")
     socket_path = f"{uds_base}-0"
     remove_stale(socket_path)
-    argv, model_id = shard_argv(args, uds_base)
-    child = Child.spawn("shard-0", argv, env.child_environment({"RANK": "0", "WORLD_SIZE": "1"}))
+    config = shard_config(args, uds_base)
+    model_id = config.model_name
+    # The launcher's own shard command and environment.
+    child = Child.spawn("shard-0", *supervisor.shard_command(config, rank=0))
     try:
         deadline = time.monotonic() + args.startup_timeout
         while not os.path.exists(socket_path):

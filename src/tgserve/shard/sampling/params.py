@@ -7,6 +7,17 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class Watermark:
+    """The server's watermark (--watermark-gamma, --watermark-delta); requests only switch it on.
+
+    TGI's defaults: half the vocabulary is green, and green tokens gain 2.0 in logit.
+    """
+
+    gamma: float = 0.5
+    delta: float = 2.0
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0
     top_k: int = 0
