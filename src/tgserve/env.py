@@ -72,9 +72,8 @@ def child_environment(extra: dict[str, str], config: Config | None = None) -> di
 SHARD_DEFAULTS = {
     # torch's CPU allocator asks for 2 MiB pages (madvise) for tensors of 2 MiB and up. A decode
     # step streams every weight once; in 4 KiB pages the stream crosses a page, where the hardware
-    # prefetcher stops and the TLB misses, every 4 KiB. Batch-1 decode steps of the default model:
-    # 26.0 -> 23.5 ms (medians of 60, four alternating runs each) on a 2-core Intel Xeon, with the
-    # same peak RSS. Kernels whose transparent huge pages are "never" ignore it.
+    # prefetcher stops and the TLB misses, every 4 KiB (docs/design/transparent-huge-pages.md).
+    # Kernels whose transparent huge pages are "never" ignore it.
     "THP_MEM_ALLOC_ENABLE": "1",
 }
 

@@ -52,8 +52,8 @@ def recycle_step_buffers(
     while the step runs, so that each layer reuses the pages the one before freed.
 
     Each buffer in a mapping of its own (glibc's fixed 4 MiB threshold before this) was faulted
-    in page by page and unmapped again at every op: a prefill of 8 x 180 tokens took ~450k minor
-    faults and a fifth of its time in the kernel (2.4-3.2 s against 1.9-2.2 s with this). The
+    in page by page and unmapped again at every op, a large share of a prefill's time
+    (docs/design/step-buffers-in-heap.md). The
     heap's growth is handed back after the step instead (trim_heap after every Prefill and
     Decode), which reaches freed chunks anywhere in the heap, not only at its top. True when set
     (glibc)."""

@@ -1,8 +1,7 @@
 """What model resolution hands the launcher: light, so that the launcher can hold it.
 
-Resolution itself (weights.py) imports huggingface_hub, ~25 MB of resident memory that the
-launcher would keep for the server's whole life; it runs in a child process, and only these
-types come back.
+Resolution itself (weights.py) imports huggingface_hub, which the launcher would keep resident
+for the server's whole life; it runs in a child process, and only these types come back.
 """
 
 from __future__ import annotations

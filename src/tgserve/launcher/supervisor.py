@@ -137,7 +137,7 @@ def _resolve_model(
     allow_pickle_conversion: bool, json_output: bool,
 ) -> ModelSource:
     """weights.resolve_model, for a child process: huggingface_hub, which it imports, would stay
-    in the launcher's memory (~25 MB) for as long as the server runs."""
+    in the launcher's memory for as long as the server runs."""
     from tgserve.launcher.weights import resolve_model
     from tgserve.logs import setup_logging
 

@@ -97,7 +97,7 @@ def _check_folder(folder: Path, model_id: str, allow_pickle_conversion: bool) ->
             "(e.g. the hub's safetensors conversion PR: --revision refs/pr/N)."
         )
     log.warning("converting pickle weights in %s to safetensors (--convert-pickle-weights)", folder)
-    # The conversion needs torch, which would stay in the launcher's memory (~200 MB) for as long
+    # The conversion needs torch, which would stay in the launcher's memory for as long
     # as the server runs: it runs in a child process.
     in_child_process(_convert_pickles, folder)
 
@@ -205,7 +205,7 @@ def _from_gguf(model_id: str, gguf_file: Path, cache_dir: Path) -> ModelSource:
 def gguf_sidecar(gguf_file: Path, cache_dir: Path) -> Path:
     """A folder with config, tokenizer and generation config for `gguf_file`, built once and reused.
 
-    Parsing a GGUF's metadata and tokenizer takes seconds; a saved tokenizer loads in 0.1 s.
+    Parsing a GGUF's metadata and tokenizer is slow; a saved tokenizer loads far faster.
     """
     stat = gguf_file.stat()
     folder = cache_dir / "gguf" / f"{gguf_file.stem}-{stat.st_size}-{int(stat.st_mtime)}"
@@ -231,7 +231,7 @@ def gguf_sidecar(gguf_file: Path, cache_dir: Path) -> Path:
 
 
 def _build_gguf_sidecar(gguf_file: Path, out: Path) -> None:
-    # transformers and torch, which this needs, would stay in the launcher's memory (~300 MB)
+    # transformers and torch, which this needs, would stay in the launcher's memory
     # for as long as the server runs.
     in_child_process(write_gguf_sidecar, gguf_file, out)
 

@@ -395,7 +395,7 @@ def warmup(
             generator.decode([batch.id])
     generator.clear()
     assert generator.kv_cache is not None
-    generator.kv_cache.forget()  # the warmup's KV: ~46 KiB a token of resident memory otherwise
+    generator.kv_cache.forget()  # the warmup's KV pages, resident otherwise
     release_free_memory()  # the warmup batch's activations
     capacity = num_blocks * generator.block_size
     total = max_total_tokens or min(capacity, max_position_embeddings)

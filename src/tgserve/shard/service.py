@@ -90,8 +90,8 @@ async def run_in_own_thread(fn: Callable[..., Any], *args: Any) -> Any:
     Not asyncio.to_thread: the executor's thread would live on, and so would the OpenMP thread
     team that torch's first parallel op there gave it. libgomp counts every team's threads, and
     once they outnumber the cores it stops spinning between parallel regions: each of the ~150
-    regions of a decode step then waits on a futex to wake the other thread. Measured at batch 16:
-    a 37 ms decode step took 50-60 ms with a finished warmup's thread kept alive.
+    regions of a decode step then waits on a futex to wake the other thread
+    (docs/design/shard-step-thread.md).
     """
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tgserve-warmup")
     future = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
@@ -198,9 +198,8 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         reqs = [new_request(r, self.generator.tokenizer) for r in request.batch.requests]
         result = await self._traced_step("Prefill", context, len(reqs), self.generator.prefill,
                                          request.batch.id, reqs, running)
-        # A prefill's activations (tens of MB per thousand tokens) are freed into glibc's heap,
-        # which keeps them for reuse within the step (memory.recycle_step_buffers): at c=64
-        # that was ~60-75 MB of resident memory held for nothing once the step is done.
+        # A prefill's activations are freed into glibc's heap, which keeps them for reuse within
+        # the step (memory.recycle_step_buffers): trimmed, they are not held once it is done.
         if not self._decode_ahead(result[1], request.decode_ahead, trim=True):
             trim_heap()
         return _step_response(pb.PrefillResponse, *self._owned(*result))
@@ -209,9 +208,9 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         ids = [b.id for b in request.batches]
         size = sum(len(b.request_ids) for b in request.batches)
         result = await self._traced_step("Decode", context, size, self.generator.decode, ids)
-        # The step's logits (12.6 MB at batch 64) and activations, recycled within the step, go
-        # back to the OS: between steps the heap holds only what is live. Peak RSS at c=64:
-        # 1905 MiB without this, 1892 with it; the step pays ~3k page faults for it (~1 %).
+        # The step's logits and activations, recycled within the step, go back to the OS:
+        # between steps the heap holds only what is live, for a few page faults a step
+        # (docs/design/step-buffers-in-heap.md).
         # A small batch that decodes ahead skips it: its step frees a few MB, and the trim would
         # delay the next step, which the router is now waiting for.
         if not self._decode_ahead(result[1], request.decode_ahead, trim=False):
@@ -220,8 +219,8 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
 
     async def DecodeStream(self, request_iterator, context):  # type: ignore[no-untyped-def]
         """Decode steps over one stream the router keeps open, answered in order. A unary call
-        cost the shard's thread ~1 ms a step in gRPC's C code (py-spy at batch 1: 4.8 % of a
-        20-ms step), which at batch 1 is time the next step waits; an error ends the stream with
+        costs the shard's thread more in gRPC's C code than a stream message
+        (docs/design/decode-stream.md), which at batch 1 is time the next step waits; an error ends the stream with
         the status a unary Decode would have, and the router opens another."""
         async for request in request_iterator:
             yield await self.Decode(request, context)

@@ -21,7 +21,7 @@ def dequantize_to_file(
 ) -> None:
     """`load_gguf_tensors` into a safetensors file, for a child process to run.
 
-    The dequantization imports transformers' modeling code (~45 MB that stays resident) and peaks
+    The dequantization imports transformers' modeling code (which would stay resident) and peaks
     at twice the model's size; in a child process neither outlives the load, and the shard reads
     the result like any checkpoint.
     """
