@@ -26,8 +26,9 @@ tensor-parallel rank.
 
 ```
 client ─HTTP─▶ router ─▶ validation ─▶ queue ─▶ scheduler ─gRPC (unix socket)─▶ shard(s)
-  ▲                                                │ KV block accounting        │ forward, sampling,
-  └─── SSE / JSON ◀── stream ◀── events ◀──────────┴──────── generations ◀──────┘ stops, detokenizing
+  ▲                                                │ KV block accounting        │ forward,
+  └─── SSE / JSON ◀── stream ◀── events ◀──────────┴──────── generations ◀──────┘ sampling,
+                                                                                  stops, text
 ```
 
 - **Launcher** (`tgserve`, alias `text-generation-launcher`): parses TGI's flags (each also read
@@ -56,7 +57,7 @@ leading comment); `tests/unit/test_architecture_doc.py` fails when it is stale.
 
 
 def summary(path: Path) -> str | None:
-    """The first paragraph of a module's docstring (or a C++ file's leading comment), on one line."""
+    """A module docstring's first paragraph (or a C++ file's leading comment), on one line."""
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".py":
         doc = ast.get_docstring(ast.parse(text, str(path)))

@@ -1,4 +1,4 @@
-"""The benchmark peers' copies of tgserve's default model, and a check that all hold one set of weights.
+"""The benchmark peers' copies of tgserve's default model; a check that all hold one set of weights.
 
 Usage (with the project's venv; scripts/peers.sh calls it):
   python scripts/peer_models.py source              path of the default Q4_1 GGUF tgserve serves
@@ -6,8 +6,9 @@ Usage (with the project's venv; scripts/peers.sh calls it):
   python scripts/peer_models.py verify HF GGUF_F32  every tensor equal to what tgserve serves
 
 tgserve dequantizes the Q4_1 GGUF to float32 at load; the folder written here holds those same
-float32 tensors (with the sidecar's config and tokenizer), and llama-quantize's F32 GGUF holds them in llama.cpp's layout. `verify` reads
-all three back through the loader tgserve uses and compares them bit for bit.
+float32 tensors (with the sidecar's config and tokenizer), and llama-quantize's F32 GGUF holds them
+in llama.cpp's layout. `verify` reads all three back through the loader tgserve uses and compares
+them bit for bit.
 """
 
 from __future__ import annotations
@@ -32,8 +33,7 @@ def source_gguf() -> Path:
 
 
 def write_hf_folder(out: Path) -> None:
-    """The tensors tgserve serves, as float32 safetensors, beside the sidecar's config and tokenizer.
-
+    """The tensors tgserve serves, as float32 safetensors, beside the sidecar's config and tokenizer
     (transformers refuses to save_pretrained a model it loaded from a GGUF file.)
     """
     gguf = source_gguf()

@@ -1,4 +1,4 @@
-"""The one configuration: TGI's launcher flags, typed and frozen, built once, handed to each process."""
+"""The one configuration: TGI's launcher flags, typed and frozen, handed to every process."""
 
 from __future__ import annotations
 
@@ -245,7 +245,8 @@ class Config:
             inputs >= self.max_total_tokens
         ):
             raise ConfigError(
-                f"`max_input_tokens`({inputs}) must be < `max_total_tokens`({self.max_total_tokens})"
+                f"`max_input_tokens`({inputs}) must be < "
+                f"`max_total_tokens`({self.max_total_tokens})"
             )
         if self.kv_cache_dtype is not None and self.kv_cache_dtype not in KV_CACHE_DTYPES:
             # TGI's fp8_e4m3fn / fp8_e5m2 included: refused rather than served in another dtype.
@@ -255,7 +256,8 @@ class Config:
             )
         if self.quantize is not None and self.quantize not in QUANTIZE_METHODS:
             raise ConfigError(
-                f"--quantize {self.quantize!r} is not a method; one of: {', '.join(QUANTIZE_METHODS)}"
+                f"--quantize {self.quantize!r} is not a method; "
+                f"one of: {', '.join(QUANTIZE_METHODS)}"
             )
         if not 0.0 < self.watermark_gamma < 1.0:
             raise ConfigError(f"--watermark-gamma must be in (0, 1), got {self.watermark_gamma}")

@@ -9,7 +9,8 @@ from tgserve.config import Config
 
 
 def flag_default(flag: str) -> str | None:
-    """TGI reads every launcher flag from an env var named after it (--max-input-tokens: MAX_INPUT_TOKENS)."""
+    """TGI reads every launcher flag from an env var named after it (--max-input-tokens:
+    MAX_INPUT_TOKENS)."""
     return os.environ.get(flag.lstrip("-").replace("-", "_").upper())
 
 
@@ -25,7 +26,7 @@ def hub_offline() -> bool:
 
 
 def prefix_caching() -> bool:
-    """TGI's PREFIX_CACHING switch (on unless set to a false value); the shards report it in Info."""
+    """TGI's PREFIX_CACHING switch (on unless set to a false value); shards report it in Info."""
     return os.environ.get("PREFIX_CACHING", "1").lower() not in ("0", "false", "no", "off")
 
 

@@ -1,4 +1,4 @@
-"""Gives memory a process no longer uses back to the OS, so resident memory matches what it holds."""
+"""Gives memory a process no longer uses back to the OS: resident memory matches what it holds."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Async streaming clients for OpenAI /v1/completions and TGI /generate_stream, timing each chunk."""
+"""Async streaming clients of OpenAI /v1/completions and TGI /generate_stream, timing each chunk."""
 
 from __future__ import annotations
 

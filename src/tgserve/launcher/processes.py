@@ -1,4 +1,4 @@
-"""Child processes of the launcher: spawned with a death signal, their output relayed and remembered."""
+"""The launcher's child processes: spawned with a death signal, output relayed and remembered."""
 
 from __future__ import annotations
 

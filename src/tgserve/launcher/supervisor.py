@@ -12,8 +12,8 @@ from pathlib import Path
 
 from tgserve import env as environment
 from tgserve.config import Config
-from tgserve.launcher.processes import Child, python_command, remove_stale
 from tgserve.isolated import in_child_process
+from tgserve.launcher.processes import Child, python_command, remove_stale
 from tgserve.launcher.source import ModelSource
 
 log = logging.getLogger("tgserve.launcher")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -15,9 +14,9 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
 from tgserve import env
+from tgserve.isolated import in_child_process
 from tgserve.launcher.default_model import DEFAULT_MODEL_ID, default_model_path
 from tgserve.launcher.source import ModelResolutionError, ModelSource
-from tgserve.isolated import in_child_process
 
 log = logging.getLogger(__name__)
 

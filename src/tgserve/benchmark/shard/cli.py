@@ -18,7 +18,6 @@ from typing import Any
 
 from tgserve import env
 from tgserve.benchmark.cli import parse_concurrency
-from tgserve.config import KV_CACHE_DTYPES, Config, parse_bytes
 from tgserve.benchmark.shard.measure import (
     BatchSizeResult,
     ShardBenchConfig,
@@ -27,8 +26,9 @@ from tgserve.benchmark.shard.measure import (
     measure,
     warm_up,
 )
-from tgserve.launcher.processes import Child, remove_stale
+from tgserve.config import KV_CACHE_DTYPES, Config, parse_bytes
 from tgserve.launcher import supervisor
+from tgserve.launcher.processes import Child, remove_stale
 from tgserve.launcher.weights import resolve_model
 from tgserve.router.shard_client import ShardClient
 from tgserve.router.types import GenerationError
@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--dtype", help="float32, float16 or bfloat16 (default: the shard's choice)")
     add("--threads", type=int, default=0, help="torch threads of the shard (0: torch's choice)")
     add("--kv-cache-memory", type=parse_bytes, help="KV cache budget of the shard, e.g. 512MiB")
-    add("--kv-cache-dtype", choices=KV_CACHE_DTYPES, help="as the launcher's (default: the model's)")
+    add("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+        help="as the launcher's (default: the model's)")
     add("--batch-sizes", type=parse_concurrency, default=(1, 2, 4, 8, 16, 32), help="e.g. 1,8,32")
     add("--prompt-length", type=int, default=180, help="prompt tokens of every request")
     add("--decode-steps", type=int, default=32, help="Decode calls after each Prefill")

@@ -121,7 +121,7 @@ class BatchSizeResult:
 
 
 def prompt_ids(config: ShardBenchConfig, vocab_size: int, count: int) -> list[list[int]]:
-    """`count` deterministic prompts of random ordinary token ids (the low ids are often special)."""
+    """`count` deterministic prompts of random ordinary token ids (low ids are often special)."""
     rng = random.Random(config.seed)
     low = min(256, vocab_size // 4)
     return [
@@ -132,7 +132,8 @@ def prompt_ids(config: ShardBenchConfig, vocab_size: int, count: int) -> list[li
 def make_batch(
     batch_id: int, prompts: Sequence[Sequence[int]], config: ShardBenchConfig, block_size: int
 ) -> pb.Batch:
-    """A greedy batch whose requests own consecutive blocks after block 0, slots as the router sets."""
+    """A greedy batch whose requests own consecutive blocks after block 0, slots as the router
+    sets them."""
     blocks_per_request = -(-config.kv_tokens_per_request // block_size)
     requests = []
     for i, ids in enumerate(prompts):
