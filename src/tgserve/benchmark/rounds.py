@@ -79,7 +79,7 @@ def pool_rounds(servers: Sequence[dict[str, Any]]) -> dict[str, Any]:
     pooled["levels"] = [pool_levels(levels) for levels in zip(*(s["levels"] for s in servers))]
     pooled["peak_rss_bytes"] = _peak([server.get("peak_rss_bytes") for server in servers])
     idle = [server.get("idle_cpu_percent") for server in servers]
-    pooled["idle_cpu_percent"] = None if None in idle else max(idle)
+    pooled["idle_cpu_percent"] = None if None in idle else max(i for i in idle if i is not None)
     pooled["rounds"] = len(servers)
     pooled["rounds_output_tokens_per_s"] = [
         [level["output_tokens_per_s"] for level in server["levels"]] for server in servers

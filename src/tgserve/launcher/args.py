@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
             default = parse_bool(env) if env is not None else f.default
             p.add_argument(flag, action="store_true", default=default, help=meta.help)
         elif meta.repeatable:
-            default = [v for v in env.split(",") if v] if env else list(f.default)
+            default = [v for v in env.split(",") if v] if env else []  # no origin: any
             p.add_argument(flag, type=_for_argparse(meta.parse), action="append",
                            default=default, help=meta.help)
         else:
