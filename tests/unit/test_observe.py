@@ -33,13 +33,9 @@ from tgserve.router.request_id import RequestIdFilter
 from tgserve.router.schemas import GenerateRequest
 from tgserve.router.settings import RouterSettings
 from tgserve.router.tokenization import RouterTokenizer
-from tgserve.router.tracing import (
-    RequestTrace,
-    TracedShardClient,
-    context_from_metadata,
-    context_from_traceparent,
-)
+from tgserve.router.tracing import RequestTrace, TracedShardClient
 from tgserve.router.types import GenerationError, Token, TokenEvent
+from tgserve.tracing import context_from_metadata, context_from_traceparent
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"

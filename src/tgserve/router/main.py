@@ -30,8 +30,9 @@ from tgserve.router.scheduler import (
 from tgserve.router.settings import RouterSettings
 from tgserve.router.shard_client import ShardClient
 from tgserve.router.tokenization import load as load_tokenizer
-from tgserve.router.tracing import TracedShardClient, scheduler_lookup, setup_tracing
+from tgserve.router.tracing import TracedShardClient, scheduler_lookup
 from tgserve.router.types import ShardInfo
+from tgserve.tracing import setup_tracing
 
 log = logging.getLogger("tgserve.router")
 
