@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tgserve.router.blocks import BlockAllocator
-from tgserve.router.queue import Entry, Queue
+from tgserve.router.core.blocks import BlockAllocator
+from tgserve.router.core.queue import Entry, Queue
 from tgserve.router.types import SamplingParameters, StoppingParameters, ValidRequest
 
 

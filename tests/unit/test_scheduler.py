@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tgserve.pb import generate_pb2 as pb
-from tgserve.router.scheduler import (
+from tgserve.router.core.scheduler import (
     QUEUE_DRAIN_STEPS,
     U64_MAX,
     NoopObserver,

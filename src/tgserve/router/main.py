@@ -20,7 +20,7 @@ from tgserve.router.infer import Infer
 from tgserve.router.metrics import Metrics, MetricsObserver, start_metrics_server
 from tgserve.router.observe import Telemetry
 from tgserve.router.request_id import RequestIdFilter
-from tgserve.router.scheduler import (
+from tgserve.router.core.scheduler import (
     Scheduler,
     SchedulerSettings,
     StartupError,

@@ -11,8 +11,8 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from tgserve.pb import generate_pb2
-from tgserve.router.blocks import HEALTH_BLOCK, BlockAllocation, BlockAllocator
-from tgserve.router.queue import Entry, NextBatch, Queue, to_pb_request
+from tgserve.router.core.blocks import HEALTH_BLOCK, BlockAllocation, BlockAllocator
+from tgserve.router.core.queue import Entry, NextBatch, Queue, to_pb_request
 from tgserve.router.shard_client import ShardTimings, StepResult, generation_events
 from tgserve.router.types import (
     EndEvent,

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from tgserve.pb import generate_pb2
-from tgserve.router.blocks import BlockAllocation, BlockAllocator
+from tgserve.router.core.blocks import BlockAllocation, BlockAllocator
 from tgserve.router.types import InferError, InferEvent, ValidRequest
 
 

@@ -1,0 +1,1 @@
+"""The router's core: the request queue, KV block accounting and continuous batching."""
