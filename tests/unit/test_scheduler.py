@@ -17,12 +17,14 @@ from tgserve.router.core.scheduler import (
     NoopObserver,
     Scheduler,
     SchedulerSettings,
+    step_prefill_budget,
+)
+from tgserve.router.core.warmup import (
     StartupError,
     connect_and_warmup,
     resolve_limits,
     resolve_settings,
     shard_info,
-    step_prefill_budget,
 )
 from tgserve.router.shard_client import ShardTimings, StepResult
 from tgserve.router.types import (

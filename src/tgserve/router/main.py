@@ -15,18 +15,13 @@ import uvicorn
 from tgserve.memory import release_free_memory
 from tgserve.router.app import create_app
 from tgserve.router.chat import load_chat_template
+from tgserve.router.core.scheduler import Scheduler, SchedulerSettings
+from tgserve.router.core.warmup import StartupError, connect_and_warmup, resolve_settings
 from tgserve.router.draining import DrainMiddleware
 from tgserve.router.infer import Infer
 from tgserve.router.metrics import Metrics, MetricsObserver, start_metrics_server
 from tgserve.router.observe import Telemetry
 from tgserve.router.request_id import RequestIdFilter
-from tgserve.router.core.scheduler import (
-    Scheduler,
-    SchedulerSettings,
-    StartupError,
-    connect_and_warmup,
-    resolve_settings,
-)
 from tgserve.router.settings import RouterSettings
 from tgserve.router.shard_client import ShardClient
 from tgserve.router.tokenization import load as load_tokenizer

@@ -1,1 +1,1 @@
-"""The router's core: the request queue, KV block accounting and continuous batching."""
+"""The router's core: the request queue, KV block accounting, continuous batching and warmup."""
