@@ -23,7 +23,7 @@ from tgserve.router.metrics import Metrics, MetricsObserver, start_metrics_serve
 from tgserve.router.observe import Telemetry
 from tgserve.router.request_id import RequestIdFilter
 from tgserve.router.settings import RouterSettings
-from tgserve.router.shard_client import ShardClient
+from tgserve.router.shard_client import CoreShardClient
 from tgserve.router.tokenization import load as load_tokenizer
 from tgserve.router.tracing import TracedShardClient, scheduler_lookup
 from tgserve.router.types import ShardInfo
@@ -111,7 +111,7 @@ def model_info(args: argparse.Namespace, info: ShardInfo) -> dict:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    client = await ShardClient.connect(args.master_shard_uds_path)
+    client = await CoreShardClient.connect(args.master_shard_uds_path)
     requested = scheduler_settings(args)
     try:
         info, *limits = await connect_and_warmup(client, requested)

@@ -10,8 +10,8 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
-from tgserve.pb import generate_pb2
-from tgserve.router.shard_client import Metadata, StepResult
+from tgserve.router.core.batch import Batch, CachedBatch, StepResult
+from tgserve.router.shard_client import Metadata
 from tgserve.tracing import span_metadata
 
 # A request's phases, in the only order they can happen.
@@ -90,7 +90,7 @@ class TracedShardClient:
     request (a step serves many requests but a span has one parent).
     """
 
-    client: Any  # ShardClient
+    client: Any  # CoreShardClient
     traces: TraceRegistry
     lookup: RequestLookup = field(default=lambda _id: None)
 
@@ -110,8 +110,8 @@ class TracedShardClient:
 
     async def prefill(
         self,
-        batch: generate_pb2.Batch,
-        cached_batch: generate_pb2.CachedBatch | None = None,
+        batch: Batch,
+        cached_batch: CachedBatch | None = None,
         decode_ahead: bool = False,
     ) -> StepResult:
         metadata = self._step("prefill", [r.id for r in batch.requests])
@@ -119,7 +119,7 @@ class TracedShardClient:
                                          decode_ahead=decode_ahead)
 
     async def decode(
-        self, batches: Sequence[generate_pb2.CachedBatch], decode_ahead: bool = False
+        self, batches: Sequence[CachedBatch], decode_ahead: bool = False
     ) -> StepResult:
         metadata = self._step("decode", [i for b in batches for i in b.request_ids])
         return await self.client.decode(batches, metadata=metadata, decode_ahead=decode_ahead)

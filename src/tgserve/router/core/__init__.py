@@ -1,1 +1,1 @@
-"""The router's core: the request queue, KV block accounting, continuous batching and warmup."""
+"""The router's core: queue, KV blocks, batching, warmup; pure Python, no protobuf, no torch."""

@@ -10,10 +10,17 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from tgserve.pb import generate_pb2
+from tgserve.router.core.batch import (
+    Batch,
+    BatchRequest,
+    CachedBatch,
+    Generation,
+    ShardTimings,
+    StepResult,
+    generation_events,
+)
 from tgserve.router.core.blocks import HEALTH_BLOCK, BlockAllocation, BlockAllocator
-from tgserve.router.core.queue import Entry, NextBatch, Queue, to_pb_request
-from tgserve.router.shard_client import ShardTimings, StepResult, generation_events
+from tgserve.router.core.queue import Entry, NextBatch, Queue
 from tgserve.router.types import (
     EndEvent,
     GenerationError,
@@ -136,17 +143,15 @@ class ShardBackend(Protocol):
 
     async def health(self) -> None: ...
     async def clear_cache(self, batch_id: int | None = None) -> None: ...
-    async def filter_batch(
-        self, batch_id: int, request_ids: Sequence[int]
-    ) -> generate_pb2.CachedBatch: ...
+    async def filter_batch(self, batch_id: int, request_ids: Sequence[int]) -> CachedBatch: ...
     async def prefill(
         self,
-        batch: generate_pb2.Batch,
-        cached_batch: generate_pb2.CachedBatch | None = None,
+        batch: Batch,
+        cached_batch: CachedBatch | None = None,
         decode_ahead: bool = False,
     ) -> StepResult: ...
     async def decode(
-        self, batches: Sequence[generate_pb2.CachedBatch], decode_ahead: bool = False
+        self, batches: Sequence[CachedBatch], decode_ahead: bool = False
     ) -> StepResult: ...
 
 
@@ -274,9 +279,8 @@ class Scheduler:
         )
         health_slot = HEALTH_BLOCK * self.allocator.block_size
         allocation = BlockAllocation(-1, (HEALTH_BLOCK,), (health_slot,))
-        pb_request = to_pb_request(U64_MAX, request, allocation)
-        batch = generate_pb2.Batch(id=U64_MAX, requests=[pb_request], size=1, max_tokens=2,
-                                   max_blocks=1)
+        batch = Batch(id=U64_MAX, requests=[BatchRequest(U64_MAX, request, allocation)], size=1,
+                      max_tokens=2, max_blocks=1)
         try:
             result = await self._client.prefill(batch)
             if result.batch is not None:
@@ -352,8 +356,8 @@ class Scheduler:
         return new
 
     async def _mixed_step(
-        self, cached: generate_pb2.CachedBatch
-    ) -> generate_pb2.CachedBatch | None:
+        self, cached: CachedBatch
+    ) -> CachedBatch | None:
         """Admit whoever fits right away: their prompts ride in the running batch's next forward."""
         s = self.settings
         max_size = None if s.max_batch_size is None else max(s.max_batch_size - cached.size, 0)
@@ -366,7 +370,7 @@ class Scheduler:
         return await self._prefill(new, self._running, cached)
 
     def _next_joining_batch(
-        self, cached: generate_pb2.CachedBatch, waiting_tokens: int
+        self, cached: CachedBatch, waiting_tokens: int
     ) -> NextBatch | None:
         """New requests may pause the running batch once enough wait or they waited too long."""
         s = self.settings
@@ -397,9 +401,9 @@ class Scheduler:
         self,
         nb: NextBatch,
         entries: Entries,
-        running: generate_pb2.CachedBatch | None = None,
+        running: CachedBatch | None = None,
         ahead: bool = True,
-    ) -> generate_pb2.CachedBatch | None:
+    ) -> CachedBatch | None:
         start = time.perf_counter()
         try:
             result = await self._client.prefill(nb.batch, running,
@@ -415,8 +419,8 @@ class Scheduler:
         return await self._after_step("prefill", result, entries)
 
     async def _decode(
-        self, batches: list[generate_pb2.CachedBatch], entries: Entries
-    ) -> generate_pb2.CachedBatch | None:
+        self, batches: list[CachedBatch], entries: Entries
+    ) -> CachedBatch | None:
         start = time.perf_counter()
         try:
             result = await self._client.decode(batches, decode_ahead=self._nothing_waits())
@@ -447,7 +451,7 @@ class Scheduler:
 
     async def _after_step(
         self, method: str, result: StepResult, entries: Entries
-    ) -> generate_pb2.CachedBatch | None:
+    ) -> CachedBatch | None:
         start = time.perf_counter()
         self._send_generations(result.generations, entries)
         cached = await self._filter(result.batch, entries)
@@ -456,7 +460,7 @@ class Scheduler:
         return cached
 
     def _send_generations(
-        self, generations: Sequence[generate_pb2.Generation], entries: Entries
+        self, generations: Sequence[Generation], entries: Entries
     ) -> None:
         for generation in generations:
             entry = entries.get(generation.request_id)
@@ -466,14 +470,14 @@ class Scheduler:
             with_prefill = entry.request.decoder_input_details
             for event in generation_events(generation, with_prefill, entry.queued_at, started):
                 entry.sink.put_nowait(event)
-            if generation.HasField("generated_text"):
+            if generation.generated_text is not None:
                 self._finish(entries.pop(entry.id), None)
         for entry_id in [i for i, e in entries.items() if e.cancelled]:
             self._finish(entries.pop(entry_id), None)
 
     async def _filter(
-        self, batch: generate_pb2.CachedBatch | None, entries: Entries
-    ) -> generate_pb2.CachedBatch | None:
+        self, batch: CachedBatch | None, entries: Entries
+    ) -> CachedBatch | None:
         """Tell the shards which requests are still wanted; None when nothing is left."""
         if batch is None:
             # The shards hold nothing more; a request still here would otherwise wait forever.

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Protocol
 
-from tgserve.pb import generate_pb2
+from tgserve.router.core.batch import Batch, BatchRequest, WarmupResult
 from tgserve.router.core.blocks import BlockAllocator
-from tgserve.router.core.queue import to_pb_request
 from tgserve.router.core.scheduler import DUMMY_TOKEN_ID, SchedulerSettings
 from tgserve.router.types import (
     SamplingParameters,
@@ -22,33 +21,18 @@ class StartupError(RuntimeError):
 
 
 class WarmupBackend(Protocol):
+    """The part of CoreShardClient that start-up uses (tests pass a fake)."""
+
     async def service_discovery(self) -> list[str]: ...
     async def clear_cache(self, batch_id: int | None = None) -> None: ...
-    async def info(self) -> generate_pb2.InfoResponse: ...
+    async def info(self, default_block_size: int) -> ShardInfo: ...
     async def warmup(
         self,
-        batch: generate_pb2.Batch,
+        batch: Batch,
         max_input_tokens: int | None,
         max_prefill_tokens: int,
         max_total_tokens: int | None,
-    ) -> generate_pb2.WarmupResponse: ...
-
-
-def shard_info(info: generate_pb2.InfoResponse, default_block_size: int) -> ShardInfo:
-    return ShardInfo(
-        model_type=info.model_type,
-        dtype=info.dtype,
-        device_type=info.device_type,
-        block_size=info.block_size or default_block_size,
-        max_position_embeddings=info.max_position_embeddings,
-        eos_token_ids=tuple(info.eos_token_ids),
-        vocab_size=info.vocab_size,
-        support_chunking=info.support_chunking,
-        mixed_prefill=info.mixed_prefill,
-        prefix_caching=info.use_prefix_caching,
-        window_size=info.window_size if info.HasField("window_size") else None,
-        speculate=info.speculate,
-    )
+    ) -> WarmupResult: ...
 
 
 def warmup_pieces(settings: SchedulerSettings, info: ShardInfo) -> list[int]:
@@ -65,7 +49,7 @@ def warmup_pieces(settings: SchedulerSettings, info: ShardInfo) -> list[int]:
     return pieces
 
 
-def warmup_batch(settings: SchedulerSettings, info: ShardInfo) -> generate_pb2.Batch:
+def warmup_batch(settings: SchedulerSettings, info: ShardInfo) -> Batch:
     """The largest prefill the router will send, with TGI's costliest sampling parameters."""
     params = SamplingParameters(
         temperature=0.9, top_k=10, top_p=0.9, typical_p=0.9, do_sample=False, seed=0,
@@ -89,17 +73,19 @@ def warmup_batch(settings: SchedulerSettings, info: ShardInfo) -> generate_pb2.B
         requests.append((request_id, request, n + max_new - 1 + info.speculate))
     allocator = BlockAllocator(1 + sum(-(-t // info.block_size) for *_, t in requests),
                                info.block_size)
-    pb_requests = []
+    batch_requests = []
     for request_id, request, tokens in requests:
         allocation = allocator.allocate(tokens)
         assert allocation is not None, "the warmup allocator is sized for every request"
-        pb_requests.append(to_pb_request(request_id, request, allocation))
-    return generate_pb2.Batch(
+        batch_requests.append(BatchRequest(request_id, request, allocation))
+    return Batch(
         id=0,
-        requests=pb_requests,
-        size=len(pb_requests),
-        max_tokens=sum(r.truncate + r.stopping_parameters.max_new_tokens for r in pb_requests),
-        max_blocks=max((len(r.blocks) for r in pb_requests), default=0),
+        requests=batch_requests,
+        size=len(batch_requests),
+        max_tokens=sum(
+            r.request.input_length + r.request.stopping.max_new_tokens for r in batch_requests
+        ),
+        max_blocks=max((len(r.allocation.blocks) for r in batch_requests), default=0),
     )
 
 
@@ -113,7 +99,7 @@ async def connect_and_warmup(
     """
     await client.service_discovery()
     await client.clear_cache(None)
-    info = shard_info(await client.info(), settings.block_size)
+    info = await client.info(settings.block_size)
     answer = await client.warmup(
         warmup_batch(settings, info),
         settings.max_input_tokens,
@@ -124,10 +110,10 @@ async def connect_and_warmup(
 
 
 def resolve_limits(
-    settings: SchedulerSettings, info: ShardInfo, answer: generate_pb2.WarmupResponse
+    settings: SchedulerSettings, info: ShardInfo, answer: WarmupResult
 ) -> tuple[int, int, int]:
     """(max_batch_total_tokens, max_input_tokens, max_total_tokens) after warmup, checked."""
-    if answer.HasField("max_supported_total_tokens"):
+    if answer.max_supported_total_tokens is not None:
         batch_total = answer.max_supported_total_tokens
     else:
         batch_total = settings.max_batch_total_tokens
