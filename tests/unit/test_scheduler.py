@@ -495,6 +495,30 @@ def test_request_that_can_never_fit_is_refused_not_queued_forever() -> None:
     run(main())
 
 
+def test_request_in_flight_names_the_requests_of_the_batches_on_the_shards() -> None:
+    async def main() -> None:
+        scheduler, client = make()
+        seen: list[tuple[int, ValidRequest | None]] = []
+        original_decode = client.decode
+
+        async def looking_decode(batches: Sequence[pb.CachedBatch], metadata: Any = None,
+                                 decode_ahead: bool = False) -> Any:
+            seen.extend((i, scheduler.request_in_flight(i)) for b in batches
+                        for i in b.request_ids)
+            return await original_decode(batches, metadata, decode_ahead)
+
+        client.decode = looking_decode  # type: ignore[method-assign]
+        r = req(4, 3)
+        scheduler.start()
+        await collect(scheduler.schedule(r))
+        await scheduler.stop()
+        assert seen and all(request is r for _, request in seen)
+        assert scheduler.request_in_flight(seen[0][0]) is None  # finished
+        assert scheduler.request_in_flight(U64_MAX) is None
+
+    run(main())
+
+
 def test_stop_fails_waiting_requests() -> None:
     async def main() -> None:
         scheduler, _ = make()

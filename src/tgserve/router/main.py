@@ -25,7 +25,7 @@ from tgserve.router.request_id import RequestIdFilter
 from tgserve.router.settings import RouterSettings
 from tgserve.router.shard_client import CoreShardClient
 from tgserve.router.tokenization import load as load_tokenizer
-from tgserve.router.tracing import TracedShardClient, scheduler_lookup
+from tgserve.router.tracing import TracedShardClient
 from tgserve.router.types import ShardInfo
 from tgserve.tracing import setup_tracing
 
@@ -142,7 +142,7 @@ async def serve(args: argparse.Namespace) -> int:
     scheduler = Scheduler(backend, settings, observer=MetricsObserver(metrics),
                           mixed_prefill=info.mixed_prefill, prefix_caching=info.prefix_caching)
     if isinstance(backend, TracedShardClient):
-        backend.lookup = scheduler_lookup(scheduler)
+        backend.lookup = scheduler.request_in_flight
     scheduler.start()
     infer = Infer(scheduler, tokenizer, router_settings.limits(), args.max_concurrent_requests,
                   telemetry=telemetry)

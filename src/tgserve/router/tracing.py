@@ -61,25 +61,9 @@ class RequestTrace:
 
 # Traces of the requests in flight, keyed by id() of the ValidRequest each was scheduled with.
 TraceRegistry = dict[int, RequestTrace]
-# Which ValidRequest a gRPC request id stands for (None: unknown, e.g. warmup or health).
+# Which ValidRequest a gRPC request id stands for (None: unknown, e.g. warmup or health):
+# Scheduler.request_in_flight in the server.
 RequestLookup = Callable[[int], object | None]
-
-
-def scheduler_lookup(scheduler: Any) -> RequestLookup:
-    """Request ids → ValidRequests through the scheduler's batches in flight.
-
-    It reads the Scheduler's `_running`/`_joining` entries: the scheduler offers no public way
-    yet, and the alternative (threading trace contexts through queue entries) means editing it.
-    """
-
-    def lookup(request_id: int) -> object | None:
-        for name in ("_running", "_joining"):
-            entry = getattr(scheduler, name, {}).get(request_id)
-            if entry is not None:
-                return entry.request
-        return None
-
-    return lookup
 
 
 @dataclass

@@ -252,6 +252,12 @@ class Scheduler:
         self._healthy = ok
         return ok
 
+    def request_in_flight(self, request_id: int) -> ValidRequest | None:
+        """The request a batch on the shards runs under this id; None for any other id (one
+        still queued, gone, or the liveness check's). Tracing uses it to find a step's spans."""
+        entry = self._running.get(request_id) or self._joining.get(request_id)
+        return entry.request if entry is not None else None
+
     def _check_fits(self, request: ValidRequest) -> None:
         # Validation should have refused these; a request that can never fit would block the
         # head of the queue forever, so it is refused here too.
