@@ -29,9 +29,9 @@ from tgserve.router.core.blocks import BlockAllocation
 from tgserve.router.errors import ValidationError
 from tgserve.router.infer import Infer
 from tgserve.router.metrics import Metrics, exposition
+from tgserve.router.native.schemas import GenerateRequest
 from tgserve.router.observe import Telemetry
 from tgserve.router.request_id import RequestIdFilter
-from tgserve.router.schemas import GenerateRequest
 from tgserve.router.settings import RouterSettings
 from tgserve.router.tokenization import RouterTokenizer
 from tgserve.router.tracing import RequestTrace, TracedShardClient

@@ -12,14 +12,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tgserve import __version__
-from tgserve.router.api.native import native_router
-from tgserve.router.api.openai import openai_router
 from tgserve.router.chat import ChatTemplate, load_chat_template
 from tgserve.router.errors import PayloadTooLargeError, error_info, install_error_handlers
 from tgserve.router.infer import Infer
 from tgserve.router.metrics import exposition
+from tgserve.router.native.routes import native_router
+from tgserve.router.native.schemas import Info
+from tgserve.router.openai.routes import openai_router
 from tgserve.router.request_id import RequestIdMiddleware
-from tgserve.router.schemas import Info
 from tgserve.router.settings import RouterSettings
 
 # POST routes that need the API key (TGI's "base" routes); later routes join this set.

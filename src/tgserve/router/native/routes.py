@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from tgserve.router.infer import GenerateOutput, Infer
-from tgserve.router.schemas import (
+from tgserve.router.native.schemas import (
     CompatGenerateRequest,
     ErrorResponse,
     GenerateRequest,

@@ -18,12 +18,13 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from tgserve import __version__
-from tgserve.router.api.native import CLIENT_CLOSED_REQUEST, until_disconnected
 from tgserve.router.chat import ChatTemplate, RequestError
 from tgserve.router.errors import ValidationError, error_info
 from tgserve.router.infer import Infer
-from tgserve.router.openai_params import Plan, PlanLimits, chat_plan, chat_prompt, completion_plan
-from tgserve.router.openai_run import (
+from tgserve.router.native.routes import CLIENT_CLOSED_REQUEST, until_disconnected
+from tgserve.router.native.schemas import SimpleToken
+from tgserve.router.openai.params import Plan, PlanLimits, chat_plan, chat_prompt, completion_plan
+from tgserve.router.openai.run import (
     CompletionOffsets,
     Run,
     SSEChunks,
@@ -32,7 +33,7 @@ from tgserve.router.openai_run import (
     chat_logprobs,
     chosen,
 )
-from tgserve.router.openai_schemas import (
+from tgserve.router.openai.schemas import (
     ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
@@ -46,7 +47,6 @@ from tgserve.router.openai_schemas import (
     ModelList,
     OpenAIErrorResponse,
 )
-from tgserve.router.schemas import SimpleToken
 from tgserve.router.settings import RouterSettings
 from tgserve.router.streaming import SSEResponse
 from tgserve.router.types import GenerationError, IncompleteGenerationError, OverloadedError
