@@ -1,16 +1,20 @@
-"""Thin handlers for TGI's native routes: translate HTTP to Infer calls and back."""
+"""Thin handlers for TGI's native routes: translate HTTP to Infer calls and back.
+
+Handlers are module-level functions; what they share (the Infer, the /info answer) is the
+app's `state.native`, a NativeContext that app.py sets.
+"""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
-import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from tgserve import __version__
 from tgserve.router.infer import GenerateOutput, Infer
+from tgserve.router.middleware import CLIENT_CLOSED_REQUEST, until_disconnected
 from tgserve.router.native.schemas import (
     CompatGenerateRequest,
     ErrorResponse,
@@ -20,12 +24,8 @@ from tgserve.router.native.schemas import (
     SimpleToken,
     StreamResponse,
 )
+from tgserve.router.settings import RouterSettings
 from tgserve.router.streaming import SSEResponse, sse_stream
-
-T = TypeVar("T")
-
-CLIENT_CLOSED_REQUEST = 499  # nginx's code; nobody reads it, but logs should not say 200
-_DISCONNECT_POLL_S = 0.05
 
 
 def _error_doc(description: str, error: str, error_type: str) -> dict[str, Any]:
@@ -43,28 +43,6 @@ GENERATE_ERRORS: dict[int | str, dict[str, Any]] = {
     429: _error_doc("Model is overloaded", "Model is overloaded", "overloaded"),
     500: _error_doc("Incomplete generation", "Incomplete generation", "incomplete_generation"),
 }
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    # The body is already read, so the next ASGI message is the client going away.
-    while (await request.receive())["type"] != "http.disconnect":
-        await anyio.sleep(_DISCONNECT_POLL_S)  # never spin on an unexpected message
-
-
-async def until_disconnected(request: Request, work: Awaitable[T]) -> tuple[bool, T | None]:
-    """Race `work` against the client leaving; when it leaves, `work` is cancelled at once."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            return True, task.result()
-        return False, None
-    finally:
-        for t in (task, watcher):
-            t.cancel()
-        with anyio.CancelScope(shield=True):
-            await asyncio.gather(task, watcher, return_exceptions=True)
 
 
 def _ms(seconds: float) -> str:
@@ -96,93 +74,135 @@ def stream_headers(inputs: str, compute_type: str) -> dict[str, str]:
     }
 
 
-def native_router(infer: Infer, info: Info, compute_type: str) -> tuple[APIRouter, APIRouter]:
-    """Returns (generation routes, which take the API key; open routes, which never do)."""
-    generation = APIRouter(tags=["Text Generation Inference"])
-    open_routes = APIRouter(tags=["Text Generation Inference"])
-    # Like TGI: `/` returns the prompt too unless the model is known not to be a text generator.
-    full_text_default = info.model_pipeline_tag in (None, "text-generation")
-
-    async def run_generate(request: Request, req: GenerateRequest, as_list: bool) -> Response:
-        finished, output = await until_disconnected(request, infer.generate(req))
-        if not finished or output is None:
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        body = output.response.model_dump_json()
-        return Response(
-            content="[" + body + "]" if as_list else body,
-            media_type="application/json",
-            headers=generate_headers(output, req.inputs, compute_type),
-        )
-
-    def run_stream(req: GenerateRequest) -> SSEResponse:
-        events = sse_stream(infer.generate_stream(req))
-        return SSEResponse(events, headers=stream_headers(req.inputs, compute_type))
-
-    @generation.post(
-        "/generate",
-        response_model=GenerateResponse,
-        responses=GENERATE_ERRORS,
-        summary="Generate tokens",
-    )
-    async def generate(req: GenerateRequest, request: Request) -> Response:
-        return await run_generate(request, req, as_list=False)
-
-    @generation.post(
-        "/generate_stream",
-        response_model=StreamResponse,
-        responses=GENERATE_ERRORS,
-        summary="Generate a stream of token using Server-Sent Events",
-    )
-    async def generate_stream(req: GenerateRequest) -> SSEResponse:
-        return run_stream(req)
-
-    @generation.post(
-        "/",
-        response_model=list[GenerateResponse],
-        responses=GENERATE_ERRORS,
-        summary="Generate tokens if `stream == false` or a stream of token if `stream == true`",
-    )
-    async def compat_generate(req: CompatGenerateRequest, request: Request) -> Any:
-        params = req.parameters
-        if params.return_full_text is None:
-            params = params.model_copy(update={"return_full_text": full_text_default})
-        inner = GenerateRequest(inputs=req.inputs, parameters=params)
-        if req.stream:
-            return run_stream(inner)
-        return await run_generate(request, inner, as_list=True)
-
-    @generation.post("/tokenize", response_model=list[SimpleToken], summary="Tokenize inputs")
-    async def tokenize(req: GenerateRequest) -> Response:
-        tokens = await infer.tokenize(req)
-        return JSONResponse([t.model_dump() for t in tokens])
-
-    @open_routes.get(
-        "/info", response_model=Info, summary="Text Generation Inference endpoint info"
-    )
-    async def get_info() -> Response:
-        return Response(content=info.model_dump_json(), media_type="application/json")
-
-    health_responses: dict[int | str, dict[str, Any]] = {
-        200: {"description": "Everything is working fine"},
-        503: {"model": ErrorResponse, "description": "Text generation inference is down"},
+def build_info(settings: RouterSettings, info: dict[str, Any]) -> Info:
+    base: dict[str, Any] = {
+        "model_id": settings.model_id,
+        "max_concurrent_requests": settings.max_concurrent_requests,
+        "max_best_of": settings.max_best_of,
+        "max_stop_sequences": settings.max_stop_sequences,
+        "max_input_tokens": settings.max_input_tokens,
+        "max_total_tokens": settings.max_total_tokens,
+        "validation_workers": settings.validation_workers,
+        "max_client_batch_size": settings.max_client_batch_size,
+        "router": "text-generation-router",
+        "version": __version__,
     }
+    return Info(**(base | info))
 
-    async def health() -> Response:
-        if await infer.health():
-            return Response(status_code=200)
-        return JSONResponse(
-            status_code=503, content={"error": "unhealthy", "error_type": "healthcheck"}
-        )
 
-    open_routes.add_api_route(
-        "/health",
-        health,
-        methods=["GET"],
-        responses=health_responses,
-        summary="Health check method",
+@dataclass(frozen=True)
+class NativeContext:
+    """What the native handlers share, kept on the app as `state.native`."""
+
+    infer: Infer
+    info: Info
+    compute_type: str
+    # Like TGI: `/` returns the prompt too unless the model is known not to be a text generator.
+    full_text_default: bool
+
+    @classmethod
+    def create(cls, infer: Infer, settings: RouterSettings, info: dict[str, Any]) -> NativeContext:
+        answer = build_info(settings, info)
+        full_text_default = answer.model_pipeline_tag in (None, "text-generation")
+        return cls(infer, answer, settings.compute_type, full_text_default)
+
+
+def _context(request: Request) -> NativeContext:
+    return request.app.state.native  # type: ignore[no-any-return]
+
+
+async def _run_generate(request: Request, req: GenerateRequest, as_list: bool) -> Response:
+    context = _context(request)
+    finished, output = await until_disconnected(request, context.infer.generate(req))
+    if not finished or output is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    body = output.response.model_dump_json()
+    return Response(
+        content="[" + body + "]" if as_list else body,
+        media_type="application/json",
+        headers=generate_headers(output, req.inputs, context.compute_type),
     )
-    for path in ("/", "/ping"):
-        open_routes.add_api_route(
-            path, health, methods=["GET"], include_in_schema=False, name=f"health{path}"
-        )
-    return generation, open_routes
+
+
+def _run_stream(request: Request, req: GenerateRequest) -> SSEResponse:
+    context = _context(request)
+    events = sse_stream(context.infer.generate_stream(req))
+    return SSEResponse(events, headers=stream_headers(req.inputs, context.compute_type))
+
+
+# Generation routes take the API key; the open routes never do.
+generation_routes = APIRouter(tags=["Text Generation Inference"])
+open_routes = APIRouter(tags=["Text Generation Inference"])
+
+
+@generation_routes.post(
+    "/generate",
+    response_model=GenerateResponse,
+    responses=GENERATE_ERRORS,
+    summary="Generate tokens",
+)
+async def generate(req: GenerateRequest, request: Request) -> Response:
+    return await _run_generate(request, req, as_list=False)
+
+
+@generation_routes.post(
+    "/generate_stream",
+    response_model=StreamResponse,
+    responses=GENERATE_ERRORS,
+    summary="Generate a stream of token using Server-Sent Events",
+)
+async def generate_stream(req: GenerateRequest, request: Request) -> SSEResponse:
+    return _run_stream(request, req)
+
+
+@generation_routes.post(
+    "/",
+    response_model=list[GenerateResponse],
+    responses=GENERATE_ERRORS,
+    summary="Generate tokens if `stream == false` or a stream of token if `stream == true`",
+)
+async def compat_generate(req: CompatGenerateRequest, request: Request) -> Any:
+    params = req.parameters
+    if params.return_full_text is None:
+        params = params.model_copy(update={"return_full_text": _context(request).full_text_default})
+    inner = GenerateRequest(inputs=req.inputs, parameters=params)
+    if req.stream:
+        return _run_stream(request, inner)
+    return await _run_generate(request, inner, as_list=True)
+
+
+@generation_routes.post("/tokenize", response_model=list[SimpleToken], summary="Tokenize inputs")
+async def tokenize(req: GenerateRequest, request: Request) -> Response:
+    tokens = await _context(request).infer.tokenize(req)
+    return JSONResponse([t.model_dump() for t in tokens])
+
+
+@open_routes.get("/info", response_model=Info, summary="Text Generation Inference endpoint info")
+async def get_info(request: Request) -> Response:
+    info = _context(request).info
+    return Response(content=info.model_dump_json(), media_type="application/json")
+
+
+async def health(request: Request) -> Response:
+    if await _context(request).infer.health():
+        return Response(status_code=200)
+    return JSONResponse(
+        status_code=503, content={"error": "unhealthy", "error_type": "healthcheck"}
+    )
+
+
+HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Everything is working fine"},
+    503: {"model": ErrorResponse, "description": "Text generation inference is down"},
+}
+open_routes.add_api_route(
+    "/health",
+    health,
+    methods=["GET"],
+    responses=HEALTH_RESPONSES,
+    summary="Health check method",
+)
+for _path in ("/", "/ping"):
+    open_routes.add_api_route(
+        _path, health, methods=["GET"], include_in_schema=False, name=f"health{_path}"
+    )
