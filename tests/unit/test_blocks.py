@@ -2,7 +2,7 @@
 
 import pytest
 
-from tgserve.router.blocks import BlockAllocator
+from tgserve.router.core.blocks import BlockAllocator
 
 
 def test_block_zero_is_never_handed_out() -> None:

@@ -22,23 +22,27 @@ from tests.unit.test_native_api import FakeBackend, tokenizer  # noqa: F401 - fi
 from tgserve.launcher.supervisor import resolved, router_command, shard_command
 from tgserve.launcher.weights import ModelSource
 from tgserve.logs import JsonFormatter, ReadableFormatter
-from tgserve.pb import generate_pb2
 from tgserve.router.app import create_app
+from tgserve.router.core.batch import Batch, BatchRequest, CachedBatch
+from tgserve.router.core.blocks import BlockAllocation
 from tgserve.router.errors import ValidationError
 from tgserve.router.infer import Infer
 from tgserve.router.metrics import Metrics, exposition
+from tgserve.router.native.schemas import GenerateRequest
 from tgserve.router.observe import Telemetry
 from tgserve.router.request_id import RequestIdFilter
-from tgserve.router.schemas import GenerateRequest
 from tgserve.router.settings import RouterSettings
 from tgserve.router.tokenization import RouterTokenizer
-from tgserve.router.tracing import (
-    RequestTrace,
-    TracedShardClient,
-    context_from_metadata,
-    context_from_traceparent,
+from tgserve.router.tracing import RequestTrace, TracedShardClient
+from tgserve.router.types import (
+    GenerationError,
+    SamplingParameters,
+    StoppingParameters,
+    Token,
+    TokenEvent,
+    ValidRequest,
 )
-from tgserve.router.types import GenerationError, Token, TokenEvent
+from tgserve.tracing import context_from_metadata, context_from_traceparent
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -206,6 +210,15 @@ def test_malformed_traceparent_starts_a_new_trace() -> None:
     assert context_from_traceparent(TRACEPARENT) is not None
 
 
+def batch_of(batch_id: int, request_ids: list[int]) -> Batch:
+    """A new batch of `request_ids`, their contents irrelevant to tracing."""
+    request = ValidRequest(inputs="x", input_ids=(1,), parameters=SamplingParameters(),
+                           stopping=StoppingParameters(max_new_tokens=1))
+    allocation = BlockAllocation(0, (1,), (4,))
+    requests = [BatchRequest(i, request, allocation) for i in request_ids]
+    return Batch(batch_id, requests, len(requests), 2 * len(requests), 1)
+
+
 class RecordingClient:
     def __init__(self) -> None:
         self.metadata: list[Any] = []
@@ -230,12 +243,11 @@ def test_traced_client_moves_phases_and_sends_traceparent() -> None:
     traces[id(requests[7])].enter("queue")
     inner = RecordingClient()
     client = TracedShardClient(inner, traces, requests.get)
-    batch = generate_pb2.Batch(id=1, requests=[generate_pb2.Request(id=8),
-                                               generate_pb2.Request(id=7)])
+    batch = batch_of(1, [8, 7])
 
     async def run() -> None:
         assert await client.prefill(batch) == "prefilled"
-        cached = generate_pb2.CachedBatch(id=1, request_ids=[7, 8])
+        cached = CachedBatch(id=1, request_ids=(7, 8), size=2, max_tokens=4)
         assert await client.decode([cached]) == "decoded"
         assert await client.health() == "healthy"  # everything else passes through
 
@@ -255,7 +267,7 @@ def test_traced_client_moves_phases_and_sends_traceparent() -> None:
 def test_no_traces_means_no_metadata() -> None:
     inner = RecordingClient()
     client = TracedShardClient(inner, {}, lambda i: None)
-    asyncio.run(client.prefill(generate_pb2.Batch(requests=[generate_pb2.Request(id=1)])))
+    asyncio.run(client.prefill(batch_of(0, [1])))
     assert inner.metadata == [None]
 
 

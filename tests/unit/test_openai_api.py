@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerFast
 from tgserve.router.app import create_app
 from tgserve.router.chat import ChatTemplate
 from tgserve.router.infer import Infer
-from tgserve.router.openai_decode import ChoiceDecoder
+from tgserve.router.openai.decode import ChoiceDecoder
 from tgserve.router.settings import RouterSettings
 from tgserve.router.tokenization import RouterTokenizer
 from tgserve.router.types import (

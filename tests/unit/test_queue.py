@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from tgserve.router.blocks import BlockAllocator
-from tgserve.router.queue import Entry, Queue
+from tgserve.router.core.blocks import BlockAllocator
+from tgserve.router.core.queue import Entry, Queue
+from tgserve.router.shard_client import to_pb_batch
 from tgserve.router.types import SamplingParameters, StoppingParameters, ValidRequest
 
 
@@ -50,9 +51,9 @@ def test_allocates_input_plus_max_new_minus_one_tokens() -> None:
     add(queue, request(5, max_new_tokens=4))
     nb = queue.next_batch(None, None, 100, 100)
     assert nb is not None
-    (pb,) = nb.batch.requests
-    assert len(pb.slots) == 5 + 4 - 1
-    assert len(pb.blocks) == 2
+    (r,) = nb.batch.requests
+    assert len(r.allocation.slots) == 5 + 4 - 1
+    assert len(r.allocation.blocks) == 2
     assert queue.allocator.used_blocks == 2
 
 
@@ -162,7 +163,7 @@ def test_pb_batch_carries_everything_the_shard_needs() -> None:
     (entry,) = add(queue, r)
     nb = queue.next_batch(None, None, 1000, 1000)
     assert nb is not None
-    batch = nb.batch
+    batch = to_pb_batch(nb.batch)  # what the shard client sends
     assert batch.size == 1 and batch.max_tokens == 3 + 6 and batch.max_blocks == 2
     (pb,) = batch.requests
     assert pb.id == entry.id and pb.inputs == "hello"

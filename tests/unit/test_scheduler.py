@@ -1,4 +1,8 @@
-"""Continuous batching against a fake shard: joins, leaves, cancellation, failures, budgets."""
+"""Continuous batching against a fake shard: joins, leaves, cancellation, failures, budgets.
+
+The fake speaks the gRPC contract's messages; CoreShardClient converts between them and the
+core's batch types, as it does in the server.
+"""
 
 from __future__ import annotations
 
@@ -11,20 +15,22 @@ from typing import Any
 import pytest
 
 from tgserve.pb import generate_pb2 as pb
-from tgserve.router.scheduler import (
+from tgserve.router.core.batch import ShardTimings
+from tgserve.router.core.scheduler import (
     QUEUE_DRAIN_STEPS,
     U64_MAX,
     NoopObserver,
     Scheduler,
     SchedulerSettings,
+    step_prefill_budget,
+)
+from tgserve.router.core.warmup import (
     StartupError,
     connect_and_warmup,
     resolve_limits,
     resolve_settings,
-    shard_info,
-    step_prefill_budget,
 )
-from tgserve.router.shard_client import ShardTimings, StepResult
+from tgserve.router.shard_client import CoreShardClient, ShardStep, shard_info, to_warmup_result
 from tgserve.router.types import (
     EndEvent,
     FinishReason,
@@ -96,8 +102,8 @@ class FakeShardClient:
 
     async def prefill(
         self, batch: pb.Batch, cached_batch: pb.CachedBatch | None = None,
-        decode_ahead: bool = False,
-    ) -> StepResult:
+        metadata: Any = None, decode_ahead: bool = False,
+    ) -> ShardStep:
         ids = [r.id for r in batch.requests]
         self.calls.append(("prefill", (batch.id, ids)))
         self.aheads.append(decode_ahead)
@@ -120,8 +126,8 @@ class FakeShardClient:
         return self._step(batch.id, requests, prefill_logprobs)
 
     async def decode(
-        self, batches: Sequence[pb.CachedBatch], decode_ahead: bool = False
-    ) -> StepResult:
+        self, batches: Sequence[pb.CachedBatch], metadata: Any = None, decode_ahead: bool = False
+    ) -> ShardStep:
         requests = [r for b in batches for r in self.batches.pop(b.id)]
         ids = [r.id for r in requests]
         self.calls.append(("decode", ids))
@@ -131,7 +137,7 @@ class FakeShardClient:
             raise err
         return self._step(batches[0].id, requests, set())
 
-    def _step(self, batch_id: int, requests: list[FakeRequest], prefill: set[int]) -> StepResult:
+    def _step(self, batch_id: int, requests: list[FakeRequest], prefill: set[int]) -> ShardStep:
         generations = []
         for r in requests:
             r.generated += 1
@@ -152,9 +158,9 @@ class FakeShardClient:
             generations.append(g)
         remaining = [r for r in requests if r.generated < r.max_new_tokens]
         if not remaining:
-            return StepResult(generations, None, TIMINGS)
+            return ShardStep(generations, None, TIMINGS)
         self.batches[batch_id] = remaining
-        return StepResult(generations, self._cached(batch_id), TIMINGS)
+        return ShardStep(generations, self._cached(batch_id), TIMINGS)
 
     def _cached(self, batch_id: int) -> pb.CachedBatch:
         reqs = self.batches[batch_id]
@@ -210,7 +216,8 @@ def make(
         **kw,
     )
     client = FakeShardClient(num_slots=num_blocks * block_size)
-    return Scheduler(client, settings, observer, mixed_prefill=mixed_prefill), client
+    backend = CoreShardClient(client)  # type: ignore[arg-type]
+    return Scheduler(backend, settings, observer, mixed_prefill=mixed_prefill), client
 
 
 async def collect(stream: AsyncIterator[InferEvent], log: list[tuple[str, Any]] | None = None,
@@ -488,6 +495,30 @@ def test_request_that_can_never_fit_is_refused_not_queued_forever() -> None:
     run(main())
 
 
+def test_request_in_flight_names_the_requests_of_the_batches_on_the_shards() -> None:
+    async def main() -> None:
+        scheduler, client = make()
+        seen: list[tuple[int, ValidRequest | None]] = []
+        original_decode = client.decode
+
+        async def looking_decode(batches: Sequence[pb.CachedBatch], metadata: Any = None,
+                                 decode_ahead: bool = False) -> Any:
+            seen.extend((i, scheduler.request_in_flight(i)) for b in batches
+                        for i in b.request_ids)
+            return await original_decode(batches, metadata, decode_ahead)
+
+        client.decode = looking_decode  # type: ignore[method-assign]
+        r = req(4, 3)
+        scheduler.start()
+        await collect(scheduler.schedule(r))
+        await scheduler.stop()
+        assert seen and all(request is r for _, request in seen)
+        assert scheduler.request_in_flight(seen[0][0]) is None  # finished
+        assert scheduler.request_in_flight(U64_MAX) is None
+
+    run(main())
+
+
 def test_stop_fails_waiting_requests() -> None:
     async def main() -> None:
         scheduler, _ = make()
@@ -543,11 +574,11 @@ def test_blocks_never_over_committed_under_random_load() -> None:
         original_prefill = client.prefill
 
         async def checked_prefill(batch: pb.Batch, cached: pb.CachedBatch | None = None,
-                                  decode_ahead: bool = False) -> Any:
+                                  metadata: Any = None, decode_ahead: bool = False) -> Any:
             assert scheduler.allocator.used_blocks <= capacity
             assert len(client.live_slots()) + sum(len(r.slots) for r in batch.requests) <= (
                 capacity * 4)
-            return await original_prefill(batch, cached, decode_ahead)
+            return await original_prefill(batch, cached, metadata, decode_ahead)
 
         client.prefill = checked_prefill  # type: ignore[method-assign]
         scheduler.start()
@@ -615,7 +646,8 @@ def test_connect_and_warmup_sends_prefill_budget_in_pieces_with_slots() -> None:
     client = FakeWarmupClient(info(block_size=16), supported=8000)
     settings = SchedulerSettings(max_batch_prefill_tokens=1000, max_input_tokens=300,
                                  max_total_tokens=400)
-    shard, batch_total, max_input, max_total = run(connect_and_warmup(client, settings))
+    backend = CoreShardClient(client)  # type: ignore[arg-type]
+    shard, batch_total, max_input, max_total = run(connect_and_warmup(backend, settings))
     assert client.calls == ["service_discovery", "clear_cache:None", "info", "warmup"]
     assert (batch_total, max_input, max_total) == (8000, 300, 400)
     assert shard.block_size == 16 and shard.eos_token_ids == (2,)
@@ -630,14 +662,15 @@ def test_connect_and_warmup_sends_prefill_budget_in_pieces_with_slots() -> None:
         assert r.stopping_parameters.ignore_eos_token and r.prefill_logprobs
         assert r.top_n_tokens == 20 and r.parameters.watermark
     scheduler_settings = resolve_settings(settings, shard, (batch_total, max_input, max_total))
-    scheduler = Scheduler(FakeShardClient(num_slots=8000), scheduler_settings)
+    fake = CoreShardClient(FakeShardClient(num_slots=8000))  # type: ignore[arg-type]
+    scheduler = Scheduler(fake, scheduler_settings)
     assert scheduler.allocator.num_blocks == 8000 // 16
 
 
 def test_warmup_limits_are_checked() -> None:
     shard = shard_info(info(block_size=4), 16)
-    small = pb.WarmupResponse(max_supported_total_tokens=100, max_input_tokens=50,
-                              max_total_tokens=200)
+    small = to_warmup_result(pb.WarmupResponse(max_supported_total_tokens=100,
+                                               max_input_tokens=50, max_total_tokens=200))
     with pytest.raises(StartupError, match="max_total_tokens=200"):
         resolve_limits(SchedulerSettings(max_batch_prefill_tokens=64, max_total_tokens=200),
                        shard, small)
@@ -648,8 +681,9 @@ def test_warmup_limits_are_checked() -> None:
         resolve_limits(SchedulerSettings(max_batch_prefill_tokens=40, max_input_tokens=50),
                        shard, small)
     with pytest.raises(StartupError, match="max_batch_total_tokens"):
-        resolve_limits(SchedulerSettings(max_batch_prefill_tokens=128), shard, pb.WarmupResponse(
-            max_supported_total_tokens=100, max_input_tokens=50, max_total_tokens=90))
+        resolve_limits(SchedulerSettings(max_batch_prefill_tokens=128), shard, to_warmup_result(
+            pb.WarmupResponse(max_supported_total_tokens=100, max_input_tokens=50,
+                              max_total_tokens=90)))
 
 
 def test_mixed_prefill_admits_a_newcomer_at_the_next_step() -> None:

@@ -1,4 +1,5 @@
-"""ShardClient against two in-process grpc.aio ranks on unix sockets: fan-out and merging."""
+"""ShardClient against two in-process grpc.aio ranks on unix sockets: fan-out and merging; the
+conversions between the core's batch types and protobuf."""
 
 from __future__ import annotations
 
@@ -14,8 +15,25 @@ import pytest
 
 from tgserve.pb import generate_pb2 as pb
 from tgserve.pb import generate_pb2_grpc
-from tgserve.router.shard_client import ShardClient, generation_events
-from tgserve.router.types import EndEvent, FinishReason, GenerationError, PrefillEvent, TokenEvent
+from tgserve.router.core.batch import Batch, BatchRequest, CachedBatch, generation_events
+from tgserve.router.core.blocks import BlockAllocation
+from tgserve.router.shard_client import (
+    CoreShardClient,
+    ShardClient,
+    to_cached_batch,
+    to_generation,
+    to_pb_cached_batch,
+)
+from tgserve.router.types import (
+    EndEvent,
+    FinishReason,
+    GenerationError,
+    PrefillEvent,
+    SamplingParameters,
+    StoppingParameters,
+    TokenEvent,
+    ValidRequest,
+)
 
 
 class FakeRank(generate_pb2_grpc.TextGenerationServiceServicer):
@@ -220,7 +238,7 @@ def test_generation_events_split_tokens_and_finish() -> None:
         generated_text=pb.GeneratedText(text="cd", generated_tokens=2,
                                         finish_reason=pb.FINISH_REASON_STOP_SEQUENCE),
     )
-    events = generation_events(generation, True, queued_at=1.0, started_at=2.0)
+    events = generation_events(to_generation(generation), True, queued_at=1.0, started_at=2.0)
     assert [type(e) for e in events] == [PrefillEvent, TokenEvent, EndEvent]
     prefill, first, end = events
     assert isinstance(prefill, PrefillEvent) and prefill.tokens[0].logprob is None
@@ -230,5 +248,59 @@ def test_generation_events_split_tokens_and_finish() -> None:
     assert end.generated_text.finish_reason is FinishReason.STOP_SEQUENCE
     assert end.generated_text.seed is None
     assert (end.queued_at, end.started_at) == (1.0, 2.0)
-    without = generation_events(generation, False, 1.0, 2.0)
+    without = generation_events(to_generation(generation), False, 1.0, 2.0)
     assert not any(isinstance(e, PrefillEvent) for e in without)
+
+
+def test_a_generation_without_prompt_tokens_or_end() -> None:
+    generation = to_generation(pb.Generation(request_id=4, tokens=pb.Tokens(ids=[9], texts=["z"])))
+    assert generation.request_id == 4 and generation.generated_text is None
+    assert generation.prefill_tokens == () and generation.prefill_top_tokens == ()
+    (token,) = generation.tokens
+    assert (token.id, token.text, token.logprob, token.special) == (9, "z", None, False)
+    (event,) = generation_events(generation, True, 1.0, 2.0)
+    assert isinstance(event, TokenEvent) and event.top_tokens == []
+
+
+def test_cached_batch_round_trip() -> None:
+    batch = CachedBatch(id=3, request_ids=(4, 5), size=2, max_tokens=40, current_tokens=12)
+    wire = to_pb_cached_batch(batch)
+    assert (wire.id, list(wire.request_ids), wire.size) == (3, [4, 5], 2)
+    assert (wire.max_tokens, wire.current_tokens) == (40, 12)
+    assert to_cached_batch(wire) == batch
+
+
+def test_core_client_speaks_the_core_types(tmp_path: Path) -> None:
+    request = ValidRequest(inputs="x", input_ids=(1,), parameters=SamplingParameters(),
+                           stopping=StoppingParameters(max_new_tokens=2))
+    allocation = BlockAllocation(0, (1,), (16, 17))
+    batch = Batch(id=3, requests=[BatchRequest(i, request, allocation) for i in range(4)],
+                  size=4, max_tokens=12, max_blocks=1)
+
+    async def main() -> None:
+        async with two_ranks(tmp_path) as (raw, ranks):
+            client = CoreShardClient(raw)
+            info = await client.info(default_block_size=8)
+            assert info.block_size == 16 and info.device_type == "cpu1"
+            warm = await client.warmup(batch, None, 64, None)
+            assert warm.max_supported_total_tokens == 3000
+            assert (warm.max_input_tokens, warm.max_total_tokens) == (900, 2000)
+            assert ("warmup", 4) in ranks[0].calls
+
+            result = await client.prefill(batch)
+            assert sorted(g.request_id for g in result.generations) == [0, 1, 2, 3]
+            texts = {g.request_id: g.tokens[0].text for g in result.generations}
+            assert texts == {0: "r0", 1: "r1", 2: "r0", 3: "r1"}
+            assert result.batch == CachedBatch(3, (0, 1, 2, 3), 4, 0)
+            assert (result.timings.forward_ns, result.timings.total_ns) == (30, 40)
+
+            decoded = await client.decode([result.batch])
+            assert len(decoded.generations) == 4 and decoded.timings.concat_ns == 5
+            assert isinstance(decoded.batch, CachedBatch)
+            kept = await client.filter_batch(3, [1, 2])
+            assert kept == CachedBatch(3, (1, 2), 2, 0)
+            await client.health()
+            await client.clear_cache(3)
+            assert ("clear", 3) in ranks[1].calls
+
+    run(main())

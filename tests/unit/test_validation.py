@@ -14,7 +14,8 @@ from transformers import PreTrainedTokenizerFast
 from tgserve.router.app import create_app
 from tgserve.router.errors import ValidationError
 from tgserve.router.infer import Infer
-from tgserve.router.schemas import GenerateParameters
+from tgserve.router.native.schemas import GenerateParameters
+from tgserve.router.native.validation import Limits, validate
 from tgserve.router.settings import RouterSettings
 from tgserve.router.tokenization import RouterTokenizer
 from tgserve.router.types import (
@@ -25,7 +26,6 @@ from tgserve.router.types import (
     Token,
     ValidRequest,
 )
-from tgserve.router.validation import Limits, validate
 
 JSON = {"content-type": "application/json"}
 LIMITS = Limits(

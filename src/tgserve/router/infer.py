@@ -13,10 +13,11 @@ from typing import Protocol
 
 import anyio
 
-from tgserve.router import schemas
 from tgserve.router.errors import IncompleteGenerationStreamError, ValidationError
+from tgserve.router.native import schemas
+from tgserve.router.native.schemas import GenerateRequest
+from tgserve.router.native.validation import Limits, reseeded, validate
 from tgserve.router.observe import RequestTracker, Telemetry
-from tgserve.router.schemas import GenerateRequest
 from tgserve.router.tokenization import RouterTokenizer
 from tgserve.router.types import (
     EndEvent,
@@ -29,7 +30,6 @@ from tgserve.router.types import (
     TokenEvent,
     ValidRequest,
 )
-from tgserve.router.validation import Limits, reseeded, validate
 
 logger = logging.getLogger(__name__)
 

@@ -16,23 +16,19 @@ from tgserve.env import child_config
 from tgserve.memory import release_free_memory
 from tgserve.router.app import create_app
 from tgserve.router.chat import load_chat_template
+from tgserve.router.core.scheduler import Scheduler, SchedulerSettings
+from tgserve.router.core.warmup import StartupError, connect_and_warmup, resolve_settings
 from tgserve.router.draining import DrainMiddleware
 from tgserve.router.infer import Infer
 from tgserve.router.metrics import Metrics, MetricsObserver, start_metrics_server
 from tgserve.router.observe import Telemetry
 from tgserve.router.request_id import RequestIdFilter
-from tgserve.router.scheduler import (
-    Scheduler,
-    SchedulerSettings,
-    StartupError,
-    connect_and_warmup,
-    resolve_settings,
-)
 from tgserve.router.settings import RouterSettings
-from tgserve.router.shard_client import ShardClient
+from tgserve.router.shard_client import CoreShardClient
 from tgserve.router.tokenization import load as load_tokenizer
-from tgserve.router.tracing import TracedShardClient, scheduler_lookup, setup_tracing
+from tgserve.router.tracing import TracedShardClient
 from tgserve.router.types import ShardInfo
+from tgserve.tracing import setup_tracing
 
 log = logging.getLogger("tgserve.router")
 
@@ -84,7 +80,7 @@ def model_info(config: Config, info: ShardInfo) -> dict:
 
 
 async def serve(config: Config) -> int:
-    client = await ShardClient.connect(config.shard_socket(0))
+    client = await CoreShardClient.connect(config.shard_socket(0))
     requested = scheduler_settings(config)
     try:
         info, *limits = await connect_and_warmup(client, requested)
@@ -118,7 +114,7 @@ async def serve(config: Config) -> int:
     scheduler = Scheduler(backend, settings, observer=MetricsObserver(metrics),
                           mixed_prefill=info.mixed_prefill, prefix_caching=info.prefix_caching)
     if isinstance(backend, TracedShardClient):
-        backend.lookup = scheduler_lookup(scheduler)
+        backend.lookup = scheduler.request_in_flight
     scheduler.start()
     infer = Infer(scheduler, tokenizer, router_settings.limits(), config.max_concurrent_requests,
                   telemetry=telemetry)

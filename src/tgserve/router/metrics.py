@@ -19,7 +19,7 @@ from prometheus_client import (
 )
 from prometheus_client.metrics_core import Metric
 
-from tgserve.router.shard_client import ShardTimings
+from tgserve.router.core.batch import ShardTimings
 
 
 # Label values known in advance, exported at zero from the start so dashboards and rate() see them.

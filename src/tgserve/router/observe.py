@@ -13,8 +13,9 @@ from typing import Any
 from tgserve.router import request_id
 from tgserve.router.errors import error_info
 from tgserve.router.metrics import Metrics
-from tgserve.router.tracing import RequestTrace, TraceRegistry, context_from_traceparent
+from tgserve.router.tracing import RequestTrace, TraceRegistry
 from tgserve.router.types import GeneratedText, ValidRequest
+from tgserve.tracing import context_from_traceparent
 
 log = logging.getLogger("tgserve.router.requests")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tgserve.router.validation import Limits
+from tgserve.router.native.validation import Limits
 
 
 @dataclass(frozen=True)

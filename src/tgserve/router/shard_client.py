@@ -1,4 +1,8 @@
-"""Async gRPC client for the shards: every call fans out to all ranks and the answers are merged."""
+"""Async gRPC client for the shards: fan-out to every rank; protobuf to and from the core stops here.
+
+`ShardClient` speaks the gRPC contract itself (benchmark-shard uses it as it is); `CoreShardClient`
+wraps it for the scheduler and warmup, converting the core's batch types to and from protobuf.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +15,16 @@ from typing import TypeVar
 import grpc
 
 from tgserve.pb import generate_pb2, generate_pb2_grpc
-from tgserve.router.types import (
-    EndEvent,
-    FinishReason,
-    GeneratedText,
-    GenerationError,
-    InferEvent,
-    PrefillEvent,
-    Token,
-    TokenEvent,
+from tgserve.router.core.batch import (
+    Batch,
+    BatchRequest,
+    CachedBatch,
+    Generation,
+    ShardTimings,
+    StepResult,
+    WarmupResult,
 )
+from tgserve.router.types import FinishReason, GeneratedText, GenerationError, ShardInfo, Token
 
 # Batches of long prompts with prefill logprobs exceed gRPC's 4 MiB default by far.
 MAX_MESSAGE_LENGTH = 2**31 - 1
@@ -36,19 +40,9 @@ Metadata = Sequence[tuple[str, str]]
 
 
 @dataclass(frozen=True)
-class ShardTimings:
-    """Durations the shards report for one step; the slowest shard's value for each."""
-
-    forward_ns: int
-    decode_ns: int
-    total_ns: int
-    concat_ns: int | None = None
-    forward_ns_per_shard: tuple[int, ...] = ()  # by rank
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """What a Prefill or Decode returns: every rank's generations and the batch left cached."""
+class ShardStep:
+    """What a Prefill or Decode returns, still protobuf: every rank's generations, the batch left
+    cached, and the timings."""
 
     generations: list[generate_pb2.Generation]
     batch: generate_pb2.CachedBatch | None
@@ -154,7 +148,7 @@ class ShardClient:
         cached_batch: generate_pb2.CachedBatch | None = None,
         metadata: Metadata | None = None,
         decode_ahead: bool = False,
-    ) -> StepResult:
+    ) -> ShardStep:
         request = generate_pb2.PrefillRequest(batch=batch, cached_batch=cached_batch,
                                               decode_ahead=decode_ahead)
         return _merge(await self._all(lambda s: s.Prefill(request, metadata=metadata)))
@@ -164,7 +158,7 @@ class ShardClient:
         batches: Sequence[generate_pb2.CachedBatch],
         metadata: Metadata | None = None,
         decode_ahead: bool = False,
-    ) -> StepResult:
+    ) -> ShardStep:
         request = generate_pb2.DecodeRequest(batches=batches, decode_ahead=decode_ahead)
         # A traced step goes as a unary call: its span's parent travels in the call's metadata.
         if self._streaming and metadata is None:
@@ -221,7 +215,7 @@ def open_channel(address: str) -> grpc.aio.Channel:
 
 def _merge(
     answers: Sequence[generate_pb2.PrefillResponse | generate_pb2.DecodeResponse],
-) -> StepResult:
+) -> ShardStep:
     # Each rank answers for its own requests (id % world_size == rank); together they are all.
     generations = [g for answer in answers for g in answer.generations]
     first = answers[0]
@@ -234,16 +228,150 @@ def _merge(
         concat_ns=max(concat) if concat else None,
         forward_ns_per_shard=tuple(a.forward_ns for a in answers),
     )
-    return StepResult(generations, batch, timings)
+    return ShardStep(generations, batch, timings)
 
 
-# ---- proto answers -> the router's event types ---------------------------------------------
+class CoreShardClient:
+    """The shards as the core sees them: its batch types in and out, protobuf only in here."""
+
+    def __init__(self, client: ShardClient) -> None:
+        self.client = client
+
+    @classmethod
+    async def connect(cls, master_address: str) -> CoreShardClient:
+        return cls(await ShardClient.connect(master_address))
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def service_discovery(self) -> list[str]:
+        return await self.client.service_discovery()
+
+    async def health(self) -> None:
+        await self.client.health()
+
+    async def clear_cache(self, batch_id: int | None = None) -> None:
+        await self.client.clear_cache(batch_id)
+
+    async def info(self, default_block_size: int) -> ShardInfo:
+        return shard_info(await self.client.info(), default_block_size)
+
+    async def warmup(
+        self,
+        batch: Batch,
+        max_input_tokens: int | None,
+        max_prefill_tokens: int,
+        max_total_tokens: int | None,
+    ) -> WarmupResult:
+        answer = await self.client.warmup(
+            to_pb_batch(batch), max_input_tokens, max_prefill_tokens, max_total_tokens
+        )
+        return to_warmup_result(answer)
+
+    async def filter_batch(self, batch_id: int, request_ids: Sequence[int]) -> CachedBatch:
+        return to_cached_batch(await self.client.filter_batch(batch_id, request_ids))
+
+    async def prefill(
+        self,
+        batch: Batch,
+        cached_batch: CachedBatch | None = None,
+        metadata: Metadata | None = None,
+        decode_ahead: bool = False,
+    ) -> StepResult:
+        running = None if cached_batch is None else to_pb_cached_batch(cached_batch)
+        step = await self.client.prefill(
+            to_pb_batch(batch), running, metadata=metadata, decode_ahead=decode_ahead
+        )
+        return to_step_result(step)
+
+    async def decode(
+        self,
+        batches: Sequence[CachedBatch],
+        metadata: Metadata | None = None,
+        decode_ahead: bool = False,
+    ) -> StepResult:
+        step = await self.client.decode(
+            [to_pb_cached_batch(b) for b in batches], metadata=metadata, decode_ahead=decode_ahead
+        )
+        return to_step_result(step)
+
+
+# ---- the core's types -> protobuf ----------------------------------------------------------
+
+
+def to_pb_request(r: BatchRequest) -> generate_pb2.Request:
+    """The gRPC form of a request, carrying its token ids and KV slots."""
+    request = r.request
+    allocation = r.allocation
+    p = request.parameters
+    s = request.stopping
+    return generate_pb2.Request(
+        id=r.id,
+        inputs=request.inputs,
+        input_chunks=generate_pb2.Input(chunks=[generate_pb2.InputChunk(text=request.inputs)]),
+        input_ids=request.input_ids,
+        truncate=request.truncate if request.truncate is not None else request.input_length,
+        parameters=generate_pb2.NextTokenChooserParameters(
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            typical_p=p.typical_p,
+            do_sample=p.do_sample,
+            seed=p.seed,
+            repetition_penalty=p.repetition_penalty,
+            frequency_penalty=p.frequency_penalty,
+            presence_penalty=p.presence_penalty,
+            additive_frequency_penalty=p.additive_frequency_penalty,
+            watermark=p.watermark,
+            logit_bias=p.logit_bias,
+        ),
+        stopping_parameters=generate_pb2.StoppingCriteriaParameters(
+            max_new_tokens=s.max_new_tokens,
+            stop_sequences=s.stop_sequences,
+            ignore_eos_token=s.ignore_eos_token,
+        ),
+        prefill_logprobs=request.decoder_input_details,
+        top_n_tokens=request.top_n_tokens,
+        blocks=allocation.blocks,
+        slots=allocation.slots,
+        cache_len=allocation.prefix_len,
+        add_special_tokens=request.add_special_tokens,
+    )
+
+
+def to_pb_batch(batch: Batch) -> generate_pb2.Batch:
+    return generate_pb2.Batch(
+        id=batch.id,
+        requests=[to_pb_request(r) for r in batch.requests],
+        size=batch.size,
+        max_tokens=batch.max_tokens,
+        max_blocks=batch.max_blocks,
+    )
+
+
+def to_pb_cached_batch(batch: CachedBatch) -> generate_pb2.CachedBatch:
+    return generate_pb2.CachedBatch(
+        id=batch.id,
+        request_ids=batch.request_ids,
+        size=batch.size,
+        max_tokens=batch.max_tokens,
+        current_tokens=batch.current_tokens,
+    )
+
+
+# ---- protobuf -> the core's types ----------------------------------------------------------
 
 _FINISH_REASONS = {
     generate_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
     generate_pb2.FINISH_REASON_EOS_TOKEN: FinishReason.EOS_TOKEN,
     generate_pb2.FINISH_REASON_STOP_SEQUENCE: FinishReason.STOP_SEQUENCE,
 }
+
+
+def to_cached_batch(batch: generate_pb2.CachedBatch) -> CachedBatch:
+    return CachedBatch(
+        batch.id, tuple(batch.request_ids), batch.size, batch.max_tokens, batch.current_tokens
+    )
 
 
 def to_tokens(tokens: generate_pb2.Tokens) -> list[Token]:
@@ -271,26 +399,49 @@ def to_generated_text(gt: generate_pb2.GeneratedText) -> GeneratedText:
     )
 
 
-def generation_events(
-    generation: generate_pb2.Generation, with_prefill: bool, queued_at: float, started_at: float
-) -> list[InferEvent]:
-    """One shard Generation as events: [Prefill], a TokenEvent per token, EndEvent when done."""
-    events: list[InferEvent] = []
-    if with_prefill and generation.prefill_tokens.ids:
-        prompt_tops = [to_tokens(t) for t in generation.prefill_top_tokens]
-        events.append(PrefillEvent(to_tokens(generation.prefill_tokens), prompt_tops))
-    tokens = to_tokens(generation.tokens)
-    tops = [to_tokens(t) for t in generation.top_tokens]
+def to_generation(generation: generate_pb2.Generation) -> Generation:
+    # The shards send prompt tokens only to the requests that asked for them; HasField first,
+    # as it is the cheaper test and nearly always false.
+    with_prefill = generation.HasField("prefill_tokens") and len(generation.prefill_tokens.ids) > 0
+    return Generation(
+        generation.request_id,
+        to_tokens(generation.tokens),
+        [to_tokens(t) for t in generation.top_tokens],
+        to_generated_text(generation.generated_text)
+        if generation.HasField("generated_text")
+        else None,
+        to_tokens(generation.prefill_tokens) if with_prefill else (),
+        [to_tokens(t) for t in generation.prefill_top_tokens] if with_prefill else (),
+    )
 
-    def top(i: int) -> list[Token]:
-        return tops[i] if i < len(tops) else []
 
-    if not generation.HasField("generated_text"):
-        return events + [TokenEvent(t, top(i)) for i, t in enumerate(tokens)]
-    if not tokens:
-        tokens = [Token(id=0, text="", logprob=None, special=True)]
-    *middle, last = tokens
-    events += [TokenEvent(t, top(i)) for i, t in enumerate(middle)]
-    generated = to_generated_text(generation.generated_text)
-    events.append(EndEvent(last, top(len(middle)), generated, queued_at, started_at))
-    return events
+def to_step_result(step: ShardStep) -> StepResult:
+    generations = [to_generation(g) for g in step.generations]
+    batch = None if step.batch is None else to_cached_batch(step.batch)
+    return StepResult(generations, batch, step.timings)
+
+
+def to_warmup_result(answer: generate_pb2.WarmupResponse) -> WarmupResult:
+    supported = (
+        answer.max_supported_total_tokens
+        if answer.HasField("max_supported_total_tokens")
+        else None
+    )
+    return WarmupResult(supported, answer.max_input_tokens, answer.max_total_tokens)
+
+
+def shard_info(info: generate_pb2.InfoResponse, default_block_size: int) -> ShardInfo:
+    return ShardInfo(
+        model_type=info.model_type,
+        dtype=info.dtype,
+        device_type=info.device_type,
+        block_size=info.block_size or default_block_size,
+        max_position_embeddings=info.max_position_embeddings,
+        eos_token_ids=tuple(info.eos_token_ids),
+        vocab_size=info.vocab_size,
+        support_chunking=info.support_chunking,
+        mixed_prefill=info.mixed_prefill,
+        prefix_caching=info.use_prefix_caching,
+        window_size=info.window_size if info.HasField("window_size") else None,
+        speculate=info.speculate,
+    )

@@ -1,8 +1,7 @@
-"""OpenTelemetry tracing: OTLP/gRPC export, W3C traceparent in and out, per-request phase spans."""
+"""The router's side of tracing: per-request phase spans, and their traceparent on shard calls."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,86 +9,13 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from tgserve.pb import generate_pb2
-from tgserve.router.shard_client import Metadata, StepResult
+from tgserve.router.core.batch import Batch, CachedBatch, StepResult
+from tgserve.router.shard_client import Metadata
+from tgserve.tracing import span_metadata
 
-log = logging.getLogger(__name__)
-
-PROPAGATOR = TraceContextTextMapPropagator()
 # A request's phases, in the only order they can happen.
 PHASES = ("validation", "queue", "prefill", "decode")
-# Spans reach the collector within about this long; TGI's exporter default is 5 s.
-EXPORT_DELAY_MS = 1000
-
-
-@dataclass
-class Tracing:
-    """A tracer of our own (no global provider), and the provider to flush at exit."""
-
-    tracer: Tracer
-    provider: Any  # opentelemetry.sdk.trace.TracerProvider
-
-    def shutdown(self) -> None:
-        try:
-            self.provider.shutdown()
-        except Exception:  # noqa: BLE001 - a dead collector must not fail the shutdown
-            log.warning("flushing traces failed", exc_info=True)
-
-
-def setup_tracing(endpoint: str | None, service_name: str) -> Tracing | None:
-    """OTLP over gRPC to `endpoint` (e.g. http://127.0.0.1:4317), every span sampled; None: off."""
-    if not endpoint:
-        return None
-    # The SDK is imported only when tracing is on: it costs start-up time otherwise.
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
-
-    insecure = not endpoint.startswith("https://")
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": service_name}), sampler=ALWAYS_ON
-    )
-    exporter = OTLPSpanExporter(endpoint=endpoint, insecure=insecure)
-    provider.add_span_processor(
-        BatchSpanProcessor(exporter, schedule_delay_millis=EXPORT_DELAY_MS)
-    )
-    log.info("exporting traces to %s as %r", endpoint, service_name)
-    return Tracing(provider.get_tracer("tgserve"), provider)
-
-
-def context_from_traceparent(
-    traceparent: str | None, tracestate: str | None = None
-) -> Context | None:
-    """The remote parent a W3C `traceparent` names; None when absent or malformed."""
-    if not traceparent:
-        return None
-    carrier = {"traceparent": traceparent}
-    if tracestate:
-        carrier["tracestate"] = tracestate
-    context = PROPAGATOR.extract(carrier)
-    if not trace.get_current_span(context).get_span_context().is_valid:
-        return None
-    return context
-
-
-def context_from_metadata(metadata: Sequence[tuple[str, Any]] | None) -> Context | None:
-    """The parent context the router put into a gRPC call's metadata (shard side)."""
-    found: dict[str, str] = {}
-    for key, value in metadata or ():
-        if key in ("traceparent", "tracestate"):
-            found[key] = value.decode() if isinstance(value, bytes) else str(value)
-    return context_from_traceparent(found.get("traceparent"), found.get("tracestate"))
-
-
-def span_metadata(span: Span) -> list[tuple[str, str]]:
-    """`span` as gRPC metadata, so that the callee's spans become its children."""
-    carrier: dict[str, str] = {}
-    PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
-    return sorted(carrier.items())
 
 
 @dataclass(eq=False)
@@ -135,25 +61,9 @@ class RequestTrace:
 
 # Traces of the requests in flight, keyed by id() of the ValidRequest each was scheduled with.
 TraceRegistry = dict[int, RequestTrace]
-# Which ValidRequest a gRPC request id stands for (None: unknown, e.g. warmup or health).
+# Which ValidRequest a gRPC request id stands for (None: unknown, e.g. warmup or health):
+# Scheduler.request_in_flight in the server.
 RequestLookup = Callable[[int], object | None]
-
-
-def scheduler_lookup(scheduler: Any) -> RequestLookup:
-    """Request ids → ValidRequests through the scheduler's batches in flight.
-
-    It reads the Scheduler's `_running`/`_joining` entries: the scheduler offers no public way
-    yet, and the alternative (threading trace contexts through queue entries) means editing it.
-    """
-
-    def lookup(request_id: int) -> object | None:
-        for name in ("_running", "_joining"):
-            entry = getattr(scheduler, name, {}).get(request_id)
-            if entry is not None:
-                return entry.request
-        return None
-
-    return lookup
 
 
 @dataclass
@@ -164,7 +74,7 @@ class TracedShardClient:
     request (a step serves many requests but a span has one parent).
     """
 
-    client: Any  # ShardClient
+    client: Any  # CoreShardClient
     traces: TraceRegistry
     lookup: RequestLookup = field(default=lambda _id: None)
 
@@ -184,8 +94,8 @@ class TracedShardClient:
 
     async def prefill(
         self,
-        batch: generate_pb2.Batch,
-        cached_batch: generate_pb2.CachedBatch | None = None,
+        batch: Batch,
+        cached_batch: CachedBatch | None = None,
         decode_ahead: bool = False,
     ) -> StepResult:
         metadata = self._step("prefill", [r.id for r in batch.requests])
@@ -193,7 +103,7 @@ class TracedShardClient:
                                          decode_ahead=decode_ahead)
 
     async def decode(
-        self, batches: Sequence[generate_pb2.CachedBatch], decode_ahead: bool = False
+        self, batches: Sequence[CachedBatch], decode_ahead: bool = False
     ) -> StepResult:
         metadata = self._step("decode", [i for b in batches for i in b.request_ids])
         return await self.client.decode(batches, metadata=metadata, decode_ahead=decode_ahead)

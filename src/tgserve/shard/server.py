@@ -18,7 +18,7 @@ from tgserve.env import child_config, decode_ahead_max_batch, prefix_caching
 from tgserve.env import rank as env_rank
 from tgserve.memory import release_free_memory, recycle_step_buffers
 from tgserve.pb import generate_pb2_grpc as pb_grpc
-from tgserve.router.tracing import setup_tracing
+from tgserve.tracing import setup_tracing
 from tgserve.shard.generator import Generator
 from tgserve.shard.loading.loaders import DTYPES, load_model
 from tgserve.shard.sampling.params import Watermark

@@ -17,11 +17,11 @@ from tgserve.env import prefix_caching
 from tgserve.memory import trim_heap
 from tgserve.pb import generate_pb2 as pb
 from tgserve.pb import generate_pb2_grpc as pb_grpc
-from tgserve.router.tracing import context_from_metadata
 from tgserve.shard.batch import Batch
 from tgserve.shard.generation import Generation, StepTimings, Tokens
 from tgserve.shard.generator import Generator, NewRequest, ShardError, warmup
 from tgserve.shard.sampling.params import SamplingParams, StoppingParams
+from tgserve.tracing import context_from_metadata
 
 log = logging.getLogger(__name__)
 

@@ -62,8 +62,8 @@ class ShardBackend(Protocol):
         max_prefill_tokens: int,
         max_total_tokens: int | None,
     ) -> pb.WarmupResponse: ...
-    async def prefill(self, batch: pb.Batch) -> Any: ...  # StepResult
-    async def decode(self, batches: Sequence[pb.CachedBatch]) -> Any: ...  # StepResult
+    async def prefill(self, batch: pb.Batch) -> Any: ...  # ShardStep
+    async def decode(self, batches: Sequence[pb.CachedBatch]) -> Any: ...  # ShardStep
 
 
 @dataclass

@@ -14,9 +14,9 @@ import anyio
 from pydantic import BaseModel
 
 from tgserve.router.infer import Infer
-from tgserve.router.openai_decode import ChoiceDecoder, Delta, TokenLogprob
-from tgserve.router.openai_params import ChoicePlan, Plan, prompt_groups
-from tgserve.router.openai_schemas import (
+from tgserve.router.openai.decode import ChoiceDecoder, Delta, TokenLogprob
+from tgserve.router.openai.params import ChoicePlan, Plan, prompt_groups
+from tgserve.router.openai.schemas import (
     ChatChoice,
     ChatLogprob,
     ChatLogprobs,

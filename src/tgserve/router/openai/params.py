@@ -9,17 +9,17 @@ from typing import Any
 
 from tgserve.router.chat import ChatTemplate, RequestError, render
 from tgserve.router.errors import ValidationError
-from tgserve.router.openai_decode import ChoiceDecoder
-from tgserve.router.openai_schemas import (
+from tgserve.router.native.schemas import GenerateParameters
+from tgserve.router.native.validation import Limits, reseeded, validate
+from tgserve.router.openai.decode import ChoiceDecoder
+from tgserve.router.openai.schemas import (
     CHAT_UNSUPPORTED,
     ChatCompletionRequest,
     CompletionRequest,
     _Sampling,
 )
-from tgserve.router.schemas import GenerateParameters
 from tgserve.router.tokenization import RouterTokenizer
 from tgserve.router.types import ValidRequest
-from tgserve.router.validation import Limits, reseeded, validate
 
 _U64 = 2**64
 

@@ -1,4 +1,8 @@
-"""Thin handlers for the OpenAI-compatible routes: /v1/chat/completions, /v1/completions, models."""
+"""Thin handlers for the OpenAI-compatible routes: /v1/chat/completions, /v1/completions, models.
+
+Handlers are module-level functions; what they share (the Infer, the chat template, the model
+id) is the app's `state.openai`, an OpenAIContext that app.py sets.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -18,12 +23,13 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from tgserve import __version__
-from tgserve.router.api.native import CLIENT_CLOSED_REQUEST, until_disconnected
 from tgserve.router.chat import ChatTemplate, RequestError
 from tgserve.router.errors import ValidationError, error_info
 from tgserve.router.infer import Infer
-from tgserve.router.openai_params import Plan, PlanLimits, chat_plan, chat_prompt, completion_plan
-from tgserve.router.openai_run import (
+from tgserve.router.middleware import CLIENT_CLOSED_REQUEST, until_disconnected
+from tgserve.router.native.schemas import SimpleToken
+from tgserve.router.openai.params import Plan, PlanLimits, chat_plan, chat_prompt, completion_plan
+from tgserve.router.openai.run import (
     CompletionOffsets,
     Run,
     SSEChunks,
@@ -32,7 +38,7 @@ from tgserve.router.openai_run import (
     chat_logprobs,
     chosen,
 )
-from tgserve.router.openai_schemas import (
+from tgserve.router.openai.schemas import (
     ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
@@ -46,7 +52,6 @@ from tgserve.router.openai_schemas import (
     ModelList,
     OpenAIErrorResponse,
 )
-from tgserve.router.schemas import SimpleToken
 from tgserve.router.settings import RouterSettings
 from tgserve.router.streaming import SSEResponse
 from tgserve.router.types import GenerationError, IncompleteGenerationError, OverloadedError
@@ -231,142 +236,177 @@ def completion_choices(run: Run, results: list[Any]) -> list[CompletionChoice]:
 
 # ---------------------------------------------------------------- routes
 
+FINGERPRINT = f"{__version__}-native"
 
-def openai_router(
-    infer: Infer, settings: RouterSettings, template: ChatTemplate | None
-) -> tuple[APIRouter, APIRouter]:
-    """(generation routes, which take the API key; open routes, which never do)."""
-    generation = APIRouter(tags=["OpenAI"], route_class=OpenAIRoute)
-    open_routes = APIRouter(tags=["OpenAI"], route_class=OpenAIRoute)
-    caps = PlanLimits(
-        infer.limits, settings.max_concurrent_requests, settings.max_client_batch_size
-    )
-    model_id = settings.model_id
-    fingerprint = f"{__version__}-native"
-    created_at = int(time.time())
 
-    def meta(prefix: str) -> _Meta:
+@dataclass(frozen=True)
+class OpenAIContext:
+    """What the OpenAI handlers share, kept on the app as `state.openai`."""
+
+    infer: Infer
+    template: ChatTemplate | None
+    caps: PlanLimits
+    model_id: str
+    compute_type: str
+    created_at: int  # the models' `created`: when the server started
+
+    @classmethod
+    def create(
+        cls, infer: Infer, settings: RouterSettings, template: ChatTemplate | None
+    ) -> OpenAIContext:
+        caps = PlanLimits(
+            infer.limits, settings.max_concurrent_requests, settings.max_client_batch_size
+        )
+        return cls(infer, template, caps, settings.model_id, settings.compute_type,
+                   int(time.time()))
+
+    def meta(self, prefix: str) -> _Meta:
         return _Meta(
             id=_ids(prefix),
             created=int(time.time()),
-            model=model_id,
-            system_fingerprint=fingerprint,
+            model=self.model_id,
+            system_fingerprint=FINGERPRINT,
         )
 
-    async def execute(
-        request: Request,
-        plan: Plan,
-        prefix: str,
-        chunks: Callable[[Run, _Meta], AsyncIterator[BaseModel]],
-        whole: Callable[[Run, _Meta], Awaitable[BaseModel]],
-        inputs: str,
-    ) -> Response:
-        stack = ExitStack()
-        client_left = False
-        try:
-            track = stack.enter_context(infer.telemetry.track(inputs, plan.stream))
-            track.validated(plan.choices[0].request)
-            stack.enter_context(infer.limiter.permit(len(plan.choices)))
-            run = Run(infer, plan, track)
-            if plan.stream:
-                events = SSEChunks(chunks(run, meta(prefix)), stack, lambda e: openai_error(e)[1])
-                return SSEResponse(events, headers=_headers(plan, settings.compute_type))
-            finished, body = await until_disconnected(request, whole(run, meta(prefix)))
-            if not finished or body is None:
-                client_left = True
-                raise asyncio.CancelledError()  # recorded as dropped, as the native routes do
-        except BaseException as exc:
-            stack.__exit__(type(exc), exc, exc.__traceback__)
-            if client_left:
-                return Response(status_code=CLIENT_CLOSED_REQUEST)
-            raise
-        stack.close()
-        return Response(
-            content=body.model_dump_json(),
-            media_type="application/json",
-            headers=_headers(plan, settings.compute_type, run),
-        )
 
-    async def plan_or_fail(inputs: str, fn: Callable[..., Plan], *args: Any) -> Plan:
-        try:
-            return await infer.tokenizer.run(fn, *args)
-        except Exception as exc:
-            infer.telemetry.request_failed(exc, inputs)
-            raise
+def _context(request: Request) -> OpenAIContext:
+    return request.app.state.openai  # type: ignore[no-any-return]
 
-    @generation.post(
-        "/v1/chat/completions",
-        response_model=ChatCompletion,
-        responses=ERROR_DOCS,
-        summary="Generate a chat completion (OpenAI compatible)",
+
+async def _execute(
+    request: Request,
+    plan: Plan,
+    prefix: str,
+    chunks: Callable[[Run, _Meta], AsyncIterator[BaseModel]],
+    whole: Callable[[Run, _Meta], Awaitable[BaseModel]],
+    inputs: str,
+) -> Response:
+    context = _context(request)
+    infer = context.infer
+    stack = ExitStack()
+    client_left = False
+    try:
+        track = stack.enter_context(infer.telemetry.track(inputs, plan.stream))
+        track.validated(plan.choices[0].request)
+        stack.enter_context(infer.limiter.permit(len(plan.choices)))
+        run = Run(infer, plan, track)
+        if plan.stream:
+            events = SSEChunks(chunks(run, context.meta(prefix)), stack,
+                               lambda e: openai_error(e)[1])
+            return SSEResponse(events, headers=_headers(plan, context.compute_type))
+        finished, body = await until_disconnected(request, whole(run, context.meta(prefix)))
+        if not finished or body is None:
+            client_left = True
+            raise asyncio.CancelledError()  # recorded as dropped, as the native routes do
+    except BaseException as exc:
+        stack.__exit__(type(exc), exc, exc.__traceback__)
+        if client_left:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        raise
+    stack.close()
+    return Response(
+        content=body.model_dump_json(),
+        media_type="application/json",
+        headers=_headers(plan, context.compute_type, run),
     )
-    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
-        plan = await plan_or_fail("", chat_plan, req, template, infer.tokenizer, caps)
 
-        async def whole(run: Run, m: _Meta) -> BaseModel:
-            results = await accumulate(run)
-            return ChatCompletion(
-                **m.model_dump(), choices=chat_choices(run, results), usage=run.usage()
-            )
 
-        return await execute(
-            request, plan, "chatcmpl", chat_chunks, whole, plan.choices[0].request.inputs
-        )
+async def _plan_or_fail(infer: Infer, inputs: str, fn: Callable[..., Plan], *args: Any) -> Plan:
+    try:
+        return await infer.tokenizer.run(fn, *args)
+    except Exception as exc:
+        infer.telemetry.request_failed(exc, inputs)
+        raise
 
-    @generation.post(
-        "/v1/completions",
-        response_model=Completion,
-        responses=ERROR_DOCS,
-        summary="Complete a prompt (OpenAI compatible)",
+
+async def _whole_chat(run: Run, m: _Meta) -> BaseModel:
+    results = await accumulate(run)
+    return ChatCompletion(**m.model_dump(), choices=chat_choices(run, results), usage=run.usage())
+
+
+async def _whole_completion(run: Run, m: _Meta) -> BaseModel:
+    results = await accumulate(run)
+    return Completion(
+        **m.model_dump(), choices=completion_choices(run, results), usage=run.usage()
     )
-    async def completions(req: CompletionRequest, request: Request) -> Response:
-        plan = await plan_or_fail("", completion_plan, req, infer.tokenizer, caps)
 
-        async def whole(run: Run, m: _Meta) -> BaseModel:
-            results = await accumulate(run)
-            return Completion(
-                **m.model_dump(), choices=completion_choices(run, results), usage=run.usage()
-            )
 
-        return await execute(
-            request, plan, "cmpl", completion_chunks, whole, plan.choices[0].request.inputs
-        )
+# Generation routes take the API key; the open routes never do.
+generation_routes = APIRouter(tags=["OpenAI"], route_class=OpenAIRoute)
+open_routes = APIRouter(tags=["OpenAI"], route_class=OpenAIRoute)
 
-    @open_routes.get("/v1/models", response_model=ModelList, summary="The served model")
-    async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=model_id, created=created_at, owned_by=model_id)])
 
-    @open_routes.get(
-        "/v1/models/{name:path}",
-        response_model=ModelCard,
-        responses=ERROR_DOCS,
-        summary="One model",
+@generation_routes.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletion,
+    responses=ERROR_DOCS,
+    summary="Generate a chat completion (OpenAI compatible)",
+)
+async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+    context = _context(request)
+    infer = context.infer
+    plan = await _plan_or_fail(infer, "", chat_plan, req, context.template, infer.tokenizer,
+                               context.caps)
+    return await _execute(
+        request, plan, "chatcmpl", chat_chunks, _whole_chat, plan.choices[0].request.inputs
     )
-    async def model(name: str) -> Response:
-        if name != model_id:
-            body = {
-                "error": {
-                    "message": f"The model '{name}' does not exist",
-                    "param": "model",
-                    "type": "not_found_error",
-                    "code": "model_not_found",
-                }
+
+
+@generation_routes.post(
+    "/v1/completions",
+    response_model=Completion,
+    responses=ERROR_DOCS,
+    summary="Complete a prompt (OpenAI compatible)",
+)
+async def completions(req: CompletionRequest, request: Request) -> Response:
+    context = _context(request)
+    infer = context.infer
+    plan = await _plan_or_fail(infer, "", completion_plan, req, infer.tokenizer, context.caps)
+    return await _execute(
+        request, plan, "cmpl", completion_chunks, _whole_completion, plan.choices[0].request.inputs
+    )
+
+
+@open_routes.get("/v1/models", response_model=ModelList, summary="The served model")
+async def models(request: Request) -> ModelList:
+    context = _context(request)
+    card = ModelCard(id=context.model_id, created=context.created_at, owned_by=context.model_id)
+    return ModelList(data=[card])
+
+
+@open_routes.get(
+    "/v1/models/{name:path}",
+    response_model=ModelCard,
+    responses=ERROR_DOCS,
+    summary="One model",
+)
+async def model(name: str, request: Request) -> Response:
+    context = _context(request)
+    if name != context.model_id:
+        body = {
+            "error": {
+                "message": f"The model '{name}' does not exist",
+                "param": "model",
+                "type": "not_found_error",
+                "code": "model_not_found",
             }
-            return JSONResponse(status_code=404, content=body)
-        card = ModelCard(id=model_id, created=created_at, owned_by=model_id)
-        return JSONResponse(card.model_dump())
+        }
+        return JSONResponse(status_code=404, content=body)
+    card = ModelCard(id=context.model_id, created=context.created_at, owned_by=context.model_id)
+    return JSONResponse(card.model_dump())
 
-    @open_routes.post(
-        "/chat_tokenize",
-        response_model=ChatTokenizeResponse,
-        responses=ERROR_DOCS,
-        summary="Template and tokenize a chat request",
+
+@open_routes.post(
+    "/chat_tokenize",
+    response_model=ChatTokenizeResponse,
+    responses=ERROR_DOCS,
+    summary="Template and tokenize a chat request",
+)
+async def chat_tokenize(req: ChatCompletionRequest, request: Request) -> ChatTokenizeResponse:
+    context = _context(request)
+    tokenizer = context.infer.tokenizer
+    text = await tokenizer.run(chat_prompt, req, context.template)
+    tokens = await tokenizer.tokenize_async(text, False)
+    return ChatTokenizeResponse(
+        tokenize_response=[SimpleToken(**t) for t in tokens], templated_text=text
     )
-    async def chat_tokenize(req: ChatCompletionRequest) -> ChatTokenizeResponse:
-        text = await infer.tokenizer.run(chat_prompt, req, template)
-        tokens = await infer.tokenizer.tokenize_async(text, False)
-        return ChatTokenizeResponse(
-            tokenize_response=[SimpleToken(**t) for t in tokens], templated_text=text
-        )
-
-    return generation, open_routes

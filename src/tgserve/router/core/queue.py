@@ -8,8 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from tgserve.pb import generate_pb2
-from tgserve.router.blocks import BlockAllocation, BlockAllocator
+from tgserve.router.core.batch import Batch, BatchRequest
+from tgserve.router.core.blocks import BlockAllocation, BlockAllocator
 from tgserve.router.types import InferError, InferEvent, ValidRequest
 
 
@@ -40,7 +40,7 @@ class Entry:
 @dataclass
 class NextBatch:
     entries: dict[int, Entry]
-    batch: generate_pb2.Batch
+    batch: Batch
 
 
 @dataclass
@@ -141,10 +141,10 @@ class Queue:
         for entry in entries:
             assert entry.allocation is not None
             entry.started_at = now
-            requests.append(to_pb_request(entry.id, entry.request, entry.allocation))
+            requests.append(BatchRequest(entry.id, entry.request, entry.allocation))
             max_tokens += entry.request.input_length + entry.request.stopping.max_new_tokens
             max_blocks = max(max_blocks, len(entry.allocation.blocks))
-        batch = generate_pb2.Batch(
+        batch = Batch(
             id=self._next_batch_id,
             requests=requests,
             size=len(requests),
@@ -158,42 +158,3 @@ class Queue:
 def _with_prefix(allocation: BlockAllocation, prefix_len: int) -> BlockAllocation:
     return BlockAllocation(allocation.id, allocation.blocks, allocation.slots, prefix_len)
 
-
-def to_pb_request(
-    request_id: int, request: ValidRequest, allocation: BlockAllocation
-) -> generate_pb2.Request:
-    """The gRPC form of a request, carrying its token ids and KV slots."""
-    p = request.parameters
-    s = request.stopping
-    return generate_pb2.Request(
-        id=request_id,
-        inputs=request.inputs,
-        input_chunks=generate_pb2.Input(chunks=[generate_pb2.InputChunk(text=request.inputs)]),
-        input_ids=request.input_ids,
-        truncate=request.truncate if request.truncate is not None else request.input_length,
-        parameters=generate_pb2.NextTokenChooserParameters(
-            temperature=p.temperature,
-            top_k=p.top_k,
-            top_p=p.top_p,
-            typical_p=p.typical_p,
-            do_sample=p.do_sample,
-            seed=p.seed,
-            repetition_penalty=p.repetition_penalty,
-            frequency_penalty=p.frequency_penalty,
-            presence_penalty=p.presence_penalty,
-            additive_frequency_penalty=p.additive_frequency_penalty,
-            watermark=p.watermark,
-            logit_bias=p.logit_bias,
-        ),
-        stopping_parameters=generate_pb2.StoppingCriteriaParameters(
-            max_new_tokens=s.max_new_tokens,
-            stop_sequences=s.stop_sequences,
-            ignore_eos_token=s.ignore_eos_token,
-        ),
-        prefill_logprobs=request.decoder_input_details,
-        top_n_tokens=request.top_n_tokens,
-        blocks=allocation.blocks,
-        slots=allocation.slots,
-        cache_len=allocation.prefix_len,
-        add_special_tokens=request.add_special_tokens,
-    )

@@ -7,13 +7,20 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
-from tgserve.pb import generate_pb2
-from tgserve.router.blocks import HEALTH_BLOCK, BlockAllocation, BlockAllocator
-from tgserve.router.queue import Entry, NextBatch, Queue, to_pb_request
-from tgserve.router.shard_client import ShardTimings, StepResult, generation_events
+from tgserve.router.core.batch import (
+    Batch,
+    BatchRequest,
+    CachedBatch,
+    Generation,
+    ShardTimings,
+    StepResult,
+    generation_events,
+)
+from tgserve.router.core.blocks import HEALTH_BLOCK, BlockAllocation, BlockAllocator
+from tgserve.router.core.queue import Entry, NextBatch, Queue
 from tgserve.router.types import (
     EndEvent,
     GenerationError,
@@ -21,7 +28,6 @@ from tgserve.router.types import (
     InferError,
     InferEvent,
     SamplingParameters,
-    ShardInfo,
     StoppingParameters,
     ValidRequest,
 )
@@ -31,10 +37,6 @@ log = logging.getLogger(__name__)
 U64_MAX = 2**64 - 1
 # Any id below every vocabulary size: warmup and the liveness check only need a valid token.
 DUMMY_TOKEN_ID = 0
-
-
-class StartupError(RuntimeError):
-    """The shards and the configured limits cannot work together."""
 
 
 @dataclass(frozen=True)
@@ -141,17 +143,15 @@ class ShardBackend(Protocol):
 
     async def health(self) -> None: ...
     async def clear_cache(self, batch_id: int | None = None) -> None: ...
-    async def filter_batch(
-        self, batch_id: int, request_ids: Sequence[int]
-    ) -> generate_pb2.CachedBatch: ...
+    async def filter_batch(self, batch_id: int, request_ids: Sequence[int]) -> CachedBatch: ...
     async def prefill(
         self,
-        batch: generate_pb2.Batch,
-        cached_batch: generate_pb2.CachedBatch | None = None,
+        batch: Batch,
+        cached_batch: CachedBatch | None = None,
         decode_ahead: bool = False,
     ) -> StepResult: ...
     async def decode(
-        self, batches: Sequence[generate_pb2.CachedBatch], decode_ahead: bool = False
+        self, batches: Sequence[CachedBatch], decode_ahead: bool = False
     ) -> StepResult: ...
 
 
@@ -252,6 +252,12 @@ class Scheduler:
         self._healthy = ok
         return ok
 
+    def request_in_flight(self, request_id: int) -> ValidRequest | None:
+        """The request a batch on the shards runs under this id; None for any other id (one
+        still queued, gone, or the liveness check's). Tracing uses it to find a step's spans."""
+        entry = self._running.get(request_id) or self._joining.get(request_id)
+        return entry.request if entry is not None else None
+
     def _check_fits(self, request: ValidRequest) -> None:
         # Validation should have refused these; a request that can never fit would block the
         # head of the queue forever, so it is refused here too.
@@ -279,9 +285,8 @@ class Scheduler:
         )
         health_slot = HEALTH_BLOCK * self.allocator.block_size
         allocation = BlockAllocation(-1, (HEALTH_BLOCK,), (health_slot,))
-        pb_request = to_pb_request(U64_MAX, request, allocation)
-        batch = generate_pb2.Batch(id=U64_MAX, requests=[pb_request], size=1, max_tokens=2,
-                                   max_blocks=1)
+        batch = Batch(id=U64_MAX, requests=[BatchRequest(U64_MAX, request, allocation)], size=1,
+                      max_tokens=2, max_blocks=1)
         try:
             result = await self._client.prefill(batch)
             if result.batch is not None:
@@ -357,8 +362,8 @@ class Scheduler:
         return new
 
     async def _mixed_step(
-        self, cached: generate_pb2.CachedBatch
-    ) -> generate_pb2.CachedBatch | None:
+        self, cached: CachedBatch
+    ) -> CachedBatch | None:
         """Admit whoever fits right away: their prompts ride in the running batch's next forward."""
         s = self.settings
         max_size = None if s.max_batch_size is None else max(s.max_batch_size - cached.size, 0)
@@ -371,7 +376,7 @@ class Scheduler:
         return await self._prefill(new, self._running, cached)
 
     def _next_joining_batch(
-        self, cached: generate_pb2.CachedBatch, waiting_tokens: int
+        self, cached: CachedBatch, waiting_tokens: int
     ) -> NextBatch | None:
         """New requests may pause the running batch once enough wait or they waited too long."""
         s = self.settings
@@ -402,9 +407,9 @@ class Scheduler:
         self,
         nb: NextBatch,
         entries: Entries,
-        running: generate_pb2.CachedBatch | None = None,
+        running: CachedBatch | None = None,
         ahead: bool = True,
-    ) -> generate_pb2.CachedBatch | None:
+    ) -> CachedBatch | None:
         start = time.perf_counter()
         try:
             result = await self._client.prefill(nb.batch, running,
@@ -420,8 +425,8 @@ class Scheduler:
         return await self._after_step("prefill", result, entries)
 
     async def _decode(
-        self, batches: list[generate_pb2.CachedBatch], entries: Entries
-    ) -> generate_pb2.CachedBatch | None:
+        self, batches: list[CachedBatch], entries: Entries
+    ) -> CachedBatch | None:
         start = time.perf_counter()
         try:
             result = await self._client.decode(batches, decode_ahead=self._nothing_waits())
@@ -452,7 +457,7 @@ class Scheduler:
 
     async def _after_step(
         self, method: str, result: StepResult, entries: Entries
-    ) -> generate_pb2.CachedBatch | None:
+    ) -> CachedBatch | None:
         start = time.perf_counter()
         self._send_generations(result.generations, entries)
         cached = await self._filter(result.batch, entries)
@@ -461,7 +466,7 @@ class Scheduler:
         return cached
 
     def _send_generations(
-        self, generations: Sequence[generate_pb2.Generation], entries: Entries
+        self, generations: Sequence[Generation], entries: Entries
     ) -> None:
         for generation in generations:
             entry = entries.get(generation.request_id)
@@ -471,14 +476,14 @@ class Scheduler:
             with_prefill = entry.request.decoder_input_details
             for event in generation_events(generation, with_prefill, entry.queued_at, started):
                 entry.sink.put_nowait(event)
-            if generation.HasField("generated_text"):
+            if generation.generated_text is not None:
                 self._finish(entries.pop(entry.id), None)
         for entry_id in [i for i, e in entries.items() if e.cancelled]:
             self._finish(entries.pop(entry_id), None)
 
     async def _filter(
-        self, batch: generate_pb2.CachedBatch | None, entries: Entries
-    ) -> generate_pb2.CachedBatch | None:
+        self, batch: CachedBatch | None, entries: Entries
+    ) -> CachedBatch | None:
         """Tell the shards which requests are still wanted; None when nothing is left."""
         if batch is None:
             # The shards hold nothing more; a request still here would otherwise wait forever.
@@ -525,159 +530,3 @@ class Scheduler:
 
     def _report_blocks(self) -> None:
         self._observer.on_blocks(self.allocator.used_blocks, self.allocator.total_blocks)
-
-
-# ---- startup: warmup and limits -----------------------------------------------------------
-
-
-class WarmupBackend(Protocol):
-    async def service_discovery(self) -> list[str]: ...
-    async def clear_cache(self, batch_id: int | None = None) -> None: ...
-    async def info(self) -> generate_pb2.InfoResponse: ...
-    async def warmup(
-        self,
-        batch: generate_pb2.Batch,
-        max_input_tokens: int | None,
-        max_prefill_tokens: int,
-        max_total_tokens: int | None,
-    ) -> generate_pb2.WarmupResponse: ...
-
-
-def shard_info(info: generate_pb2.InfoResponse, default_block_size: int) -> ShardInfo:
-    return ShardInfo(
-        model_type=info.model_type,
-        dtype=info.dtype,
-        device_type=info.device_type,
-        block_size=info.block_size or default_block_size,
-        max_position_embeddings=info.max_position_embeddings,
-        eos_token_ids=tuple(info.eos_token_ids),
-        vocab_size=info.vocab_size,
-        support_chunking=info.support_chunking,
-        mixed_prefill=info.mixed_prefill,
-        prefix_caching=info.use_prefix_caching,
-        window_size=info.window_size if info.HasField("window_size") else None,
-        speculate=info.speculate,
-    )
-
-
-def warmup_pieces(settings: SchedulerSettings, info: ShardInfo) -> list[int]:
-    """Prompt lengths that add up to max_batch_prefill_tokens, none over max_input_tokens."""
-    budget = settings.max_batch_prefill_tokens
-    max_input = settings.max_input_tokens or budget
-    if info.max_position_embeddings > 1:
-        max_input = min(max_input, info.max_position_embeddings - 1)
-    pieces: list[int] = []
-    while sum(pieces) < budget and (
-        settings.max_batch_size is None or len(pieces) < settings.max_batch_size
-    ):
-        pieces.append(min(max_input, budget - sum(pieces)))
-    return pieces
-
-
-def warmup_batch(settings: SchedulerSettings, info: ShardInfo) -> generate_pb2.Batch:
-    """The largest prefill the router will send, with TGI's costliest sampling parameters."""
-    params = SamplingParameters(
-        temperature=0.9, top_k=10, top_p=0.9, typical_p=0.9, do_sample=False, seed=0,
-        repetition_penalty=1.2, frequency_penalty=0.1, watermark=True,
-    )
-    top_n = min(20, info.vocab_size) if info.vocab_size else 20
-    pieces = warmup_pieces(settings, info)
-    requests = []
-    for request_id, n in enumerate(pieces):
-        # Without a known max_total_tokens, two new tokens still exercise prefill and decode.
-        max_new = max(settings.max_total_tokens - n, 1) if settings.max_total_tokens else 2
-        request = ValidRequest(
-            inputs="_test " * n,
-            input_ids=(DUMMY_TOKEN_ID,) * n,
-            parameters=params,
-            stopping=StoppingParameters(max_new_tokens=max_new, ignore_eos_token=True),
-            top_n_tokens=top_n,
-            decoder_input_details=True,
-            truncate=n,
-        )
-        requests.append((request_id, request, n + max_new - 1 + info.speculate))
-    allocator = BlockAllocator(1 + sum(-(-t // info.block_size) for *_, t in requests),
-                               info.block_size)
-    pb_requests = []
-    for request_id, request, tokens in requests:
-        allocation = allocator.allocate(tokens)
-        assert allocation is not None, "the warmup allocator is sized for every request"
-        pb_requests.append(to_pb_request(request_id, request, allocation))
-    return generate_pb2.Batch(
-        id=0,
-        requests=pb_requests,
-        size=len(pb_requests),
-        max_tokens=sum(r.truncate + r.stopping_parameters.max_new_tokens for r in pb_requests),
-        max_blocks=max((len(r.blocks) for r in pb_requests), default=0),
-    )
-
-
-async def connect_and_warmup(
-    client: WarmupBackend, settings: SchedulerSettings
-) -> tuple[ShardInfo, int, int, int]:
-    """ServiceDiscovery, ClearCache, Info, Warmup; returns the limits the router must enforce.
-
-    Returns (info, max_batch_total_tokens, max_input_tokens, max_total_tokens); build the
-    Scheduler with `resolve_settings(...)` so its allocator matches what the shards hold.
-    """
-    await client.service_discovery()
-    await client.clear_cache(None)
-    info = shard_info(await client.info(), settings.block_size)
-    answer = await client.warmup(
-        warmup_batch(settings, info),
-        settings.max_input_tokens,
-        settings.max_batch_prefill_tokens,
-        settings.max_total_tokens,
-    )
-    return (info, *resolve_limits(settings, info, answer))
-
-
-def resolve_limits(
-    settings: SchedulerSettings, info: ShardInfo, answer: generate_pb2.WarmupResponse
-) -> tuple[int, int, int]:
-    """(max_batch_total_tokens, max_input_tokens, max_total_tokens) after warmup, checked."""
-    if answer.HasField("max_supported_total_tokens"):
-        batch_total = answer.max_supported_total_tokens
-    else:
-        batch_total = settings.max_batch_total_tokens
-    max_total = answer.max_total_tokens or settings.max_total_tokens or batch_total
-    max_input = answer.max_input_tokens or settings.max_input_tokens or max_total - 1
-    # Block 0 is reserved, so one request can use at most this many KV tokens.
-    usable = (batch_total // info.block_size - 1) * info.block_size - info.speculate
-    if max_total - 1 > usable:
-        if settings.max_total_tokens is not None:
-            raise StartupError(f"Not enough memory to handle max_total_tokens={max_total}")
-        max_total = usable + 1
-    if not info.support_chunking and max_input > settings.max_batch_prefill_tokens:
-        if settings.max_input_tokens is not None:
-            raise StartupError(
-                f"`max_batch_prefill_tokens` must be >= `max_input_tokens`. Given: "
-                f"{settings.max_batch_prefill_tokens} and {max_input}"
-            )
-        max_input = settings.max_batch_prefill_tokens
-    if settings.max_input_tokens is None:
-        max_input = min(max_input, max_total - 1)
-    if max_input < 1 or max_input >= max_total:
-        raise StartupError(
-            f"`max_input_tokens`({max_input}) must be < `max_total_tokens`({max_total})"
-        )
-    if settings.max_batch_prefill_tokens > batch_total:
-        raise StartupError(
-            f"`max_batch_prefill_tokens` must be <= `max_batch_total_tokens`. Given: "
-            f"{settings.max_batch_prefill_tokens} and {batch_total}"
-        )
-    return batch_total, max_input, max_total
-
-
-def resolve_settings(
-    settings: SchedulerSettings, info: ShardInfo, limits: tuple[int, int, int]
-) -> SchedulerSettings:
-    """The settings a Scheduler needs after warmup: the shards' block size and KV capacity."""
-    batch_total, max_input, max_total = limits
-    return replace(
-        settings,
-        max_batch_total_tokens=batch_total,
-        block_size=info.block_size,
-        max_input_tokens=max_input,
-        max_total_tokens=max_total,
-    )

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tgserve.router.schemas import SimpleToken
+from tgserve.router.native.schemas import SimpleToken
 
 _Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
 _U64 = Annotated[int, Field(ge=0, le=2**64 - 1)]

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from tgserve.router.errors import ValidationError
-from tgserve.router.schemas import GenerateParameters
+from tgserve.router.native.schemas import GenerateParameters
 from tgserve.router.types import SamplingParameters, StoppingParameters, ValidRequest
 
 Encode = Callable[[str, bool], list[int]]

@@ -1,1 +1,0 @@
-"""HTTP handlers: translate HTTP requests to internal requests and back."""
