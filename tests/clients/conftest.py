@@ -9,6 +9,7 @@ import pytest
 
 from tests.integration.server import LaunchedServer
 
+
 @pytest.fixture(scope="session")
 def server(default_server: LaunchedServer) -> LaunchedServer:
     """The session's shared server on the default model (tests/conftest.py)."""

@@ -9,6 +9,7 @@ import pytest
 from tests.golden.tiny_models import build
 from tests.integration.server import LaunchedServer
 
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-llama")

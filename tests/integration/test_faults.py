@@ -1,4 +1,4 @@
-"""Process faults: a dead shard stops the deployment; SIGTERM drains in-flight streams, then exits 0."""
+"""Process faults: a dead shard stops the deployment; SIGTERM drains in-flight streams, exits 0."""
 
 from __future__ import annotations
 

@@ -112,7 +112,10 @@ def test_measure_makes_the_calls_of_each_run_and_counts_them() -> None:
     shard = FakeShard()
     config = ShardBenchConfig(batch_sizes=(1, 2), prompt_length=5, decode_steps=2, runs=2)
     results = _run(shard, config)
-    one_run = lambda n: [f"prefill:{n}", "decode", "decode"]
+
+    def one_run(n: int) -> list[str]:
+        return [f"prefill:{n}", "decode", "decode"]
+
     assert shard.calls[:3] == ["clear:None", "info", "warmup:2"]
     assert shard.calls[3:] == [
         *one_run(1), "clear:1", *one_run(1), "clear:2", *one_run(1), "clear:3",

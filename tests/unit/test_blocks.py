@@ -78,7 +78,8 @@ def test_can_ever_fit_counts_only_usable_blocks() -> None:
 
 # ---- prefix caching -------------------------------------------------------------------------
 
-PROMPT = list(range(100, 111))  # 11 tokens: 2 full blocks of 4 can be skipped, the 3rd holds the last
+# 11 tokens: 2 full blocks of 4 can be skipped, the 3rd holds the end.
+PROMPT = list(range(100, 111))
 
 
 def cached_allocator(num_blocks: int = 12) -> BlockAllocator:

@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from tgserve.config import LAUNCHER, ROUTER, SHARD, Config, Flag, flag_fields, parse_bool, parse_bytes
+from tgserve.config import (
+    LAUNCHER,
+    ROUTER,
+    SHARD,
+    Config,
+    Flag,
+    flag_fields,
+    parse_bool,
+    parse_bytes,
+)
 from tgserve.launcher.args import build_parser, parse
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "tgserve"

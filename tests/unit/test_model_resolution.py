@@ -26,8 +26,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from tgserve.launcher import default_model, weights
 from tgserve.isolated import ChildStepError, in_child_process
+from tgserve.launcher import default_model, weights
 from tgserve.launcher.pickle_conversion import convert_bin_to_safetensors
 from tgserve.launcher.weights import (
     ModelResolutionError,

@@ -50,7 +50,7 @@ TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
 
 
 class Setup:
-    def __init__(self, tokenizer: RouterTokenizer, backend: FakeBackend | None = None,
+    def __init__(self, tokenizer: RouterTokenizer, backend: FakeBackend | None = None,  # noqa: F811
                  max_concurrent: int = 128, tracer: Any = None, log_prompts: bool = False):
         self.registry = CollectorRegistry()
         self.metrics = Metrics.create(100, 128, self.registry)

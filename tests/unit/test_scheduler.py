@@ -594,7 +594,7 @@ def test_blocks_never_over_committed_under_random_load() -> None:
                 await asyncio.sleep(0)
         results = await asyncio.gather(*tasks)
         await scheduler.stop()
-        for (r, cancel), (count, finished) in zip(plans, results):
+        for (r, _cancel), (count, finished) in zip(plans, results):
             if finished:
                 assert count == r.stopping.max_new_tokens
         assert observer.blocks and max(used for used, _ in observer.blocks) <= capacity

@@ -82,7 +82,8 @@ RULES: list[tuple[dict[str, Any], str, str]] = [
     ),
     ({}, words(11), "`inputs` must have less than 10 tokens. Given: 12"),
     ({"max_new_tokens": 2}, words(11), "`inputs` must have less than 10 tokens. Given: 12"),
-    ({"grammar": {"type": "regex", "value": "a+"}}, "hi", "grammar is not supported yet by tgserve"),
+    ({"grammar": {"type": "regex", "value": "a+"}}, "hi",
+     "grammar is not supported yet by tgserve"),
     ({"grammar": {"type": "json", "value": {"properties": {}}}}, "hi",
      "grammar is not supported yet by tgserve"),
     # Order: the earlier rule wins when several are broken.

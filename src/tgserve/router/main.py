@@ -1,4 +1,4 @@
-"""Router process entry: connect to the shards, warm up, resolve limits, serve HTTP, drain on SIGTERM."""
+"""Router process entry: connect to the shards, warm up, resolve limits, serve HTTP, drain."""
 
 from __future__ import annotations
 
@@ -130,7 +130,8 @@ async def serve(config: Config) -> int:
     _start_prometheus(config.prometheus_port, config.hostname)
     server = uvicorn.Server(uvicorn.Config(drain, host=config.hostname, port=config.port,
                                            log_level="warning", lifespan="off"))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    # The router drains on SIGTERM itself (below): uvicorn must not take the signals first.
+    server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(

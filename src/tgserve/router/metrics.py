@@ -21,7 +21,6 @@ from prometheus_client.metrics_core import Metric
 
 from tgserve.router.core.batch import ShardTimings
 
-
 # Label values known in advance, exported at zero from the start so dashboards and rate() see them.
 FAILURE_KINDS = ("validation", "overloaded", "generation", "incomplete", "dropped", "template")
 REJECT_REASONS = ("validation", "overloaded")

@@ -1,4 +1,4 @@
-"""Async gRPC client for the shards: fan-out to every rank; protobuf to and from the core stops here.
+"""Async gRPC client of the shards: fan-out to every rank; protobuf to and from the core stops here.
 
 `ShardClient` speaks the gRPC contract itself (benchmark-shard uses it as it is); `CoreShardClient`
 wraps it for the scheduler and warmup, converting the core's batch types to and from protobuf.
@@ -275,8 +275,9 @@ class CoreShardClient:
         self,
         batch: Batch,
         cached_batch: CachedBatch | None = None,
-        metadata: Metadata | None = None,
         decode_ahead: bool = False,
+        *,
+        metadata: Metadata | None = None,
     ) -> StepResult:
         running = None if cached_batch is None else to_pb_cached_batch(cached_batch)
         step = await self.client.prefill(
@@ -287,8 +288,9 @@ class CoreShardClient:
     async def decode(
         self,
         batches: Sequence[CachedBatch],
-        metadata: Metadata | None = None,
         decode_ahead: bool = False,
+        *,
+        metadata: Metadata | None = None,
     ) -> StepResult:
         step = await self.client.decode(
             [to_pb_cached_batch(b) for b in batches], metadata=metadata, decode_ahead=decode_ahead

@@ -1,4 +1,4 @@
-"""Internal request and event types that flow from validation through the scheduler to the stream."""
+"""Internal request and event types, from validation through the scheduler to the stream."""
 
 from __future__ import annotations
 

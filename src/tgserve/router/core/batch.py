@@ -1,4 +1,4 @@
-"""The core's batch types: what a step asks of the shards and what it gets back, without protobuf."""
+"""The core's batch types: what a step asks of the shards and gets back, without protobuf."""
 
 from __future__ import annotations
 

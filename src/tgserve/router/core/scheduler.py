@@ -53,7 +53,8 @@ class SchedulerSettings:
     max_input_tokens: int | None = None
     max_total_tokens: int | None = None
     # With mixed prefill, new prompt tokens admitted per step while others decode: small steps let
-    # early arrivals start at once instead of all waiting for one huge prefill (time to first token).
+    # early arrivals start at once instead of all waiting for one huge prefill (time to first
+    # token).
     # A deep queue grows it (step_prefill_budget).
     max_step_prefill_tokens: int = 256
 
@@ -315,7 +316,6 @@ class Scheduler:
             self._observer.on_batch_size(0, 0)
 
     async def _serve_queue(self) -> None:
-        s = self.settings
         while (nb := self._first_batch()) is not None:
             self._running = nb.entries
             cached = await self._prefill(nb, self._running)

@@ -1,1 +1,1 @@
-"""TGI's native API: /generate, /generate_stream, /, /tokenize, /info, health; its schemas and rules."""
+"""TGI's native API: /generate, /generate_stream, /, /tokenize, /info, health; schemas, rules."""

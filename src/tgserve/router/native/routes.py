@@ -108,7 +108,7 @@ class NativeContext:
 
 
 def _context(request: Request) -> NativeContext:
-    return request.app.state.native  # type: ignore[no-any-return]
+    return request.app.state.native
 
 
 async def _run_generate(request: Request, req: GenerateRequest, as_list: bool) -> Response:

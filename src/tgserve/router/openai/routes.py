@@ -270,7 +270,7 @@ class OpenAIContext:
 
 
 def _context(request: Request) -> OpenAIContext:
-    return request.app.state.openai  # type: ignore[no-any-return]
+    return request.app.state.openai
 
 
 async def _execute(

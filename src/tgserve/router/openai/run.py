@@ -165,7 +165,7 @@ class Run:
         computing the prompt again (`n`/`best_of` pay for the prompt once)."""
         if not getattr(self.infer.backend, "prefix_caching", False):
             return [asyncio.ensure_future(self._guarded(c, out)) for c in self.plan.choices]
-        tasks = []
+        tasks: list[asyncio.Future[None]] = []
         for group in prompt_groups(self.plan):
             prefilled = asyncio.Event() if len(group) > 1 else None
             leader, *followers = group
