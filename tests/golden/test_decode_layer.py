@@ -9,11 +9,12 @@ import torch
 
 from tests.golden.harness import Harness, count_calls
 from tests.golden.tiny_models import build
-from tgserve.shard.layers.attention import cpu_kernels
+from tgserve.shard.kernels import build as kernel_build
+from tgserve.shard.kernels import decode_layer
 from tgserve.shard.models.llama import LlamaForCausalLM
 
 needs_kernel = pytest.mark.skipif(
-    not cpu_kernels.available(),
+    not kernel_build.available(),
     reason="C++ CPU kernels could not be built here (no ninja or no C++ compiler)",
 )
 
@@ -42,7 +43,7 @@ def test_fused_decode_layer_is_bit_identical(
     g = torch.Generator().manual_seed(7)
     # Mistral's window is 24: the 30-token prompt decodes past it.
     prompts = [torch.randint(1, 500, (n,), generator=g).tolist() for n in (30, 5, 17)]
-    calls = count_calls(monkeypatch, cpu_kernels, "llama_decode_layer")
+    calls = count_calls(monkeypatch, decode_layer, "llama_decode_layer")
     fused = decode_run(tmp_path, True, prompts)
     assert calls[0] > 0
     seen = calls[0]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tgserve.shard.layers.attention import cpu_kernels, sdpa
+from tgserve.shard.kernels import attention, build
+from tgserve.shard.layers.attention import sdpa
 from tgserve.shard.layers.attention.metadata import PrefillSequence
 
 needs_kernel = pytest.mark.skipif(
-    not cpu_kernels.available(),
+    not build.available(),
     reason="CPU attention kernel could not be built here (no ninja or no C++ compiler)",
 )
 
@@ -58,7 +59,7 @@ def test_matches_reference(heads: int, kv_heads: int, dim: int, window: int) -> 
         at += n + 1
     q, k, v = fused_qkv(gen, at, heads, kv_heads, dim)
     out = torch.full((at, heads, dim), 7.0)
-    cpu_kernels.prefill_attention(
+    attention.prefill_attention(
         out, q, k, v, torch.tensor(starts), torch.tensor(lengths), dim**-0.5, window
     )
     inside = torch.zeros(at, dtype=torch.bool)
@@ -75,12 +76,12 @@ def test_rejects_what_it_cannot_do() -> None:
     q, k, v = fused_qkv(torch.Generator().manual_seed(0), 10, 2, 1, 64)
     out = torch.empty(10, 2, 64)
     with pytest.raises(RuntimeError, match="outside the rows"):
-        cpu_kernels.prefill_attention(out, q, k, v, torch.tensor([5]), torch.tensor([6]), 0.1)
-    max_length, multiple = cpu_kernels.prefill_attention_limits()
+        attention.prefill_attention(out, q, k, v, torch.tensor([5]), torch.tensor([6]), 0.1)
+    max_length, multiple = attention.prefill_attention_limits()
     bad_dim = multiple + multiple // 2
     q, k, v = fused_qkv(torch.Generator().manual_seed(0), 10, 2, 1, bad_dim)
     with pytest.raises(RuntimeError, match="head dim"):
-        cpu_kernels.prefill_attention(
+        attention.prefill_attention(
             torch.empty(10, 2, bad_dim), q, k, v, torch.tensor([0]), torch.tensor([10]), 0.1
         )
     assert max_length >= 2048
@@ -111,13 +112,13 @@ def test_sdpa_sends_new_prompts_to_the_kernel_and_cached_ones_to_torch(
         PrefillSequence(start=40, length=20, cache_len=10, kv_slots=cached_slots),
     ]
     calls: list[list[int]] = []
-    kernel = cpu_kernels.prefill_attention
+    kernel = attention.prefill_attention
 
     def spy(out, q, k, v, starts, lengths, scale, window=0):  # type: ignore[no-untyped-def]
         calls.append(starts.tolist())
         kernel(out, q, k, v, starts, lengths, scale, window)
 
-    monkeypatch.setattr(cpu_kernels, "prefill_attention", spy)
+    monkeypatch.setattr(attention, "prefill_attention", spy)
     out = torch.zeros(60, heads, dim)
     sdpa._prefill(out, q, k, v, cache, 0, sequences, dim**-0.5, None)  # type: ignore[arg-type]
     assert calls == [[0, 25]]  # both new prompts in one call; the cached one went to torch

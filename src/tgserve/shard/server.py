@@ -115,9 +115,9 @@ async def serve(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     device = init_distributed(args)
     if device.type == "cpu":
-        from tgserve.shard.layers.attention import cpu_kernels
+        from tgserve.shard.kernels import build
 
-        cpu_kernels.available()  # build or load the C++ kernels now, not during a request
+        build.available()  # build or load the C++ kernels now, not during a request
     model = load_model(args.model_path, device, args.dtype, args.rank, args.world_size,
                        gguf_file=args.gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(str(args.model_path))

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tgserve.shard.layers.attention import cpu_kernels
+from tgserve.shard.kernels import linear as cpu_linear
 from tgserve.shard.layers.linear import Linear
 from tgserve.shard.loading.weights import Weights
 
@@ -38,7 +38,7 @@ class Embedding:
 
     def _rows(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tied is not None and self.tied.packed is not None:
-            rows = cpu_kernels.packed_rows(ids.reshape(-1), self.tied.packed, self.vocab_size)
+            rows = cpu_linear.packed_rows(ids.reshape(-1), self.tied.packed, self.vocab_size)
             return rows.view(*ids.shape, rows.shape[-1])
         assert self.weight is not None
         return F.embedding(ids, self.weight)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tgserve.shard.layers.attention import cpu_kernels
+from tgserve.shard.kernels import build
 
 
 def cpu_kernels_fit(*tensors: torch.Tensor) -> bool:
@@ -16,7 +16,7 @@ def cpu_kernels_fit(*tensors: torch.Tensor) -> bool:
     for t in tensors:
         if t.device.type != "cpu" or t.dtype != torch.float32 or t.requires_grad:
             return False
-    return cpu_kernels.available()
+    return build.available()
 
 
 # What the kernels read and write a KV cache in: float32, or float16 widened as it is loaded.

@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tgserve.shard.layers.attention import cpu_kernels
+from tgserve.shard.kernels import build
+from tgserve.shard.kernels import linear as cpu_linear
 from tgserve.shard.loading.weights import Weights
 
 # Below this many weights a linear is too small for packing to matter; it stays with torch.
@@ -23,7 +24,7 @@ class Linear:
 
     weight: torch.Tensor | None  # [out, in]; None once packed
     bias: torch.Tensor | None = None
-    packed: torch.Tensor | None = None  # cpu_kernels.pack_linear_weight(weight)
+    packed: torch.Tensor | None = None  # cpu_linear.pack_linear_weight(weight)
     out_features: int = 0
 
     def __post_init__(self) -> None:
@@ -35,7 +36,7 @@ class Linear:
         """The serving layer for `weight`: packed (and the plain copy dropped) where the kernel
         applies, so the weight is held in memory once."""
         if packs(weight) and (bias is None or bias.dtype == torch.float32):
-            packed = cpu_kernels.pack_linear_weight(weight)
+            packed = cpu_linear.pack_linear_weight(weight)
             return cls(None, bias, packed, weight.shape[0])
         return cls(weight, bias)
 
@@ -44,9 +45,9 @@ class Linear:
             assert self.weight is not None
             return F.linear(x, self.weight, self.bias)
         if x.dim() == 2:  # the models' flattened tokens: no reshape on the hot path
-            return cpu_kernels.packed_linear(x, self.packed, self.out_features, self.bias)
+            return cpu_linear.packed_linear(x, self.packed, self.out_features, self.bias)
         rows = x.reshape(-1, x.shape[-1])
-        out = cpu_kernels.packed_linear(rows, self.packed, self.out_features, self.bias)
+        out = cpu_linear.packed_linear(rows, self.packed, self.out_features, self.bias)
         return out.view(*x.shape[:-1], self.out_features)
 
 
@@ -58,7 +59,7 @@ def packs(weight: torch.Tensor) -> bool:
         and weight.dim() == 2
         and weight.numel() >= _MIN_PACKED_WEIGHTS
         and not weight.requires_grad
-        and cpu_kernels.available()
+        and build.available()
     )
 
 

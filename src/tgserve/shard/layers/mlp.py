@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tgserve.shard.layers.attention import cpu_kernels
+from tgserve.shard.kernels import fused
 from tgserve.shard.layers.fused import cpu_kernels_fit
 from tgserve.shard.layers.linear import Linear, RowLinear, load_column, load_row
 from tgserve.shard.loading.weights import Weights
@@ -33,7 +33,7 @@ class GatedMLP:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up(x)
         if self.act is F.silu and gate_up.dim() == 2 and cpu_kernels_fit(gate_up):
-            return self.down(cpu_kernels.silu_mul(gate_up))
+            return self.down(fused.silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down(self.act(gate) * up)
 

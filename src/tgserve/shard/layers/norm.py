@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tgserve.shard.layers.attention import cpu_kernels
+from tgserve.shard.kernels import fused
 from tgserve.shard.layers.fused import cpu_kernels_fit
 from tgserve.shard.loading.weights import Weights
 
@@ -19,7 +19,7 @@ class RMSNorm:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.stride(-1) == 1 and cpu_kernels_fit(x, self.weight):
-            return cpu_kernels.rms_norm(x, self.weight, self.eps)
+            return fused.rms_norm(x, self.weight, self.eps)
         return self.reference(x)
 
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,7 +30,7 @@ class RMSNorm:
             and residual.stride(-1) == 1
             and cpu_kernels_fit(x, residual, self.weight)
         ):
-            return cpu_kernels.add_rms_norm(x, residual, self.weight, self.eps)
+            return fused.add_rms_norm(x, residual, self.weight, self.eps)
         total = x + residual
         return self.reference(total), total
 

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from transformers import PretrainedConfig
 
+from tgserve.shard.kernels import decode_layer, fused
 from tgserve.shard.kv_cache import KVCache
-from tgserve.shard.layers.attention import AttentionMetadata, cpu_kernels, get_backend
+from tgserve.shard.layers.attention import AttentionMetadata, get_backend
 from tgserve.shard.layers.embedding import Embedding, LMHead, load_embedding, load_lm_head
 from tgserve.shard.layers.fused import cpu_kernels_fit, cpu_kernels_fit_cache
 from tgserve.shard.layers.linear import Linear, RowLinear, load_column, load_row
@@ -56,7 +57,7 @@ class LlamaAttention:
             and cpu_kernels_fit_cache(keys)
         )
         if stored:  # RoPE in place and the KV write, in one pass
-            cpu_kernels.rotary_store_kv(
+            fused.rotary_store_kv(
                 qkv, cos.view(-1, d.head_dim), sin.view(-1, d.head_dim), keys, values,
                 meta.slots, d.num_heads, d.num_kv_heads, d.head_dim,
             )  # fmt: skip
@@ -140,7 +141,7 @@ class LlamaLayer:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         a, m, d = self.attention, self.mlp, self.attention.dims
         o, down = a.o.linear, m.down.linear
-        return cpu_kernels.llama_decode_layer(
+        return decode_layer.llama_decode_layer(
             hidden, residual, self.input_norm.weight, self.post_norm.weight, self.input_norm.eps,
             a.qkv.packed, a.qkv.bias, o.packed, o.bias, m.gate_up.packed, m.gate_up.bias,
             down.packed, down.bias, m.gate_up.out_features // 2,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tgserve.shard.layers.attention import cpu_kernels
+from tgserve.shard.kernels import greedy
 from tgserve.shard.layers.fused import cpu_kernels_fit
 from tgserve.shard.sampling import functional as F
 from tgserve.shard.sampling.params import SamplingParams
@@ -185,7 +185,7 @@ class NextTokenChooser:
             for op in self._ops:
                 scores = self._run(op, scores)
         if not self._sample_rows and cpu_kernels_fit(scores):
-            next_ids, logprobs = cpu_kernels.greedy_choice(scores)
+            next_ids, logprobs = greedy.greedy_choice(scores)
             return ChooserOutput(next_ids, logprobs, scores)
         all_logprobs = torch.log_softmax(scores, dim=-1, dtype=torch.float32)
         next_ids = scores.argmax(dim=-1)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tgserve.shard.kernels import attention as cpu_attention
 from tgserve.shard.kv_cache import KVCache
-from tgserve.shard.layers.attention import cpu_kernels
 from tgserve.shard.layers.attention.metadata import AttentionMetadata, PrefillSequence
 from tgserve.shard.layers.fused import cpu_kernels_fit, cpu_kernels_fit_cache
 
@@ -52,7 +52,7 @@ def _prefill(
     if own:
         starts = torch.tensor([s.start for s in own], dtype=torch.long)
         lengths = torch.tensor([s.length for s in own], dtype=torch.long)
-        cpu_kernels.prefill_attention(out, q, k, v, starts, lengths, scale, window or 0)
+        cpu_attention.prefill_attention(out, q, k, v, starts, lengths, scale, window or 0)
     taken = {id(s) for s in own}
     for seq in sequences:
         if id(seq) in taken:
@@ -93,7 +93,7 @@ def _own_kernel_sequences(
     """
     if not cpu_kernels_fit(q, k, v):
         return []
-    max_length, dim_multiple = cpu_kernels.prefill_attention_limits()
+    max_length, dim_multiple = cpu_attention.prefill_attention_limits()
     dim = q.shape[-1]
     if dim % dim_multiple or any(t.stride(-1) != 1 or t.stride(-2) != dim for t in (q, k, v)):
         return []
@@ -128,7 +128,7 @@ def _decode(
     keys, values = kv_cache.keys[layer], kv_cache.values[layer]
     if cpu_kernels_fit(q) and cpu_kernels_fit_cache(keys):
         # Reads K/V in place through the slot index: no per-layer copy of every row's context.
-        return cpu_kernels.paged_decode_attention(
+        return cpu_attention.paged_decode_attention(
             q, keys, values, meta.kv_index, meta.kv_lengths, scale, window or 0
         )
     keys = _gather(keys, meta.kv_index).to(q.dtype)  # [B, Hkv, L, D]
