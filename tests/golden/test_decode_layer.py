@@ -9,14 +9,9 @@ import torch
 
 from tests.golden.harness import Harness, count_calls
 from tests.golden.tiny_models import build
-from tgserve.shard.kernels import build as kernel_build
+from tests.needs import needs_kernel
 from tgserve.shard.kernels import decode_layer
 from tgserve.shard.models.llama import LlamaForCausalLM
-
-needs_kernel = pytest.mark.skipif(
-    not kernel_build.available(),
-    reason="C++ CPU kernels could not be built here (no ninja or no C++ compiler)",
-)
 
 
 def decode_run(folder: Path, fused: bool, prompts: list[list[int]]) -> Harness:

@@ -8,17 +8,13 @@ import torch.nn.functional as F
 
 from tgserve.shard.kv_cache import KVCache
 from tgserve.shard.layers import mlp as mlp_module
-from tgserve.shard.kernels import build, fused
+from tests.needs import needs_kernel
+from tgserve.shard.kernels import fused
 from tgserve.shard.kernels import greedy as greedy_kernel
 from tgserve.shard.layers.linear import Linear, RowLinear
 from tgserve.shard.layers.mlp import GatedMLP
 from tgserve.shard.layers.norm import RMSNorm
 from tgserve.shard.layers.rotary import apply_rotary
-
-needs_kernel = pytest.mark.skipif(
-    not build.available(),
-    reason="C++ CPU kernels could not be built here (no ninja or no C++ compiler)",
-)
 
 
 def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -7,15 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from tgserve.shard.layers import linear as linear_module
+from tests.needs import needs_kernel
 from tgserve.shard.kernels import build
 from tgserve.shard.kernels import linear as kernel_linear
 from tgserve.shard.layers.embedding import Embedding, LMHead
 from tgserve.shard.layers.linear import Linear
-
-needs_kernel = pytest.mark.skipif(
-    not build.available(),
-    reason="C++ CPU kernels could not be built here (no ninja or no C++ compiler)",
-)
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -6,13 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.needs import needs_kernel
 from tgserve.shard.kernels import attention, build
 from tgserve.shard.layers.attention.metadata import AttentionMetadata
-
-needs_kernel = pytest.mark.skipif(
-    not build.available(),
-    reason="CPU attention kernel could not be built here (no ninja or no C++ compiler)",
-)
 
 
 def reference(

@@ -5,14 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tgserve.shard.kernels import attention, build
+from tests.needs import needs_kernel
+from tgserve.shard.kernels import attention
 from tgserve.shard.layers.attention import sdpa
 from tgserve.shard.layers.attention.metadata import PrefillSequence
-
-needs_kernel = pytest.mark.skipif(
-    not build.available(),
-    reason="CPU attention kernel could not be built here (no ninja or no C++ compiler)",
-)
 
 
 def reference(
