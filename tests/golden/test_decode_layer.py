@@ -18,7 +18,11 @@ def decode_run(folder: Path, fused: bool, prompts: list[list[int]]) -> Harness:
     h = Harness(folder, num_blocks=64)
     model = h.generator.model
     assert isinstance(model, LlamaForCausalLM)
-    assert all(layer.fused_decode for layer in model.layers)  # every piece packed on CPU
+    assert all(layer.fused_decode for layer in model.layers)
+    for layer in model.layers:  # every piece packed on CPU
+        linears = (layer.attention.qkv, layer.attention.o.linear, layer.mlp.gate_up,
+                   layer.mlp.down.linear)
+        assert all(linear.packed is not None for linear in linears)
     for layer in model.layers:
         layer.fused_decode = fused
     h.add([h.request(i, p, 12) for i, p in enumerate(prompts[:2])])

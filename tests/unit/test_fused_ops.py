@@ -6,15 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tgserve.shard.kv_cache import KVCache
-from tgserve.shard.layers import mlp as mlp_module
 from tests.needs import needs_kernel
-from tgserve.shard.kernels import fused
+from tgserve.shard.kernels import CPU_OPS, TORCH_OPS, cpu_ops, fused
 from tgserve.shard.kernels import greedy as greedy_kernel
+from tgserve.shard.kernels.torch_ops import apply_rotary
+from tgserve.shard.kv_cache import KVCache
 from tgserve.shard.layers.linear import Linear, RowLinear
 from tgserve.shard.layers.mlp import GatedMLP
 from tgserve.shard.layers.norm import RMSNorm
-from tgserve.shard.layers.rotary import apply_rotary
 
 
 def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -141,6 +140,28 @@ def test_rotary_store_kv_refuses_a_slot_outside_the_cache() -> None:
 
 
 @needs_kernel
+def test_both_ops_tables_give_the_same_rotated_q_k_v() -> None:
+    """The C++ rotary_qkv writes the cache in the same pass; the torch one leaves that to the
+    attention (kv_stored False): the same q, k, v either way, and the same rows once written."""
+    qkv, cos, sin, cache, slots = _rotary_case(7, 9, 3, 64, 5)
+    cos, sin = cos[:, None], sin[:, None]  # [T, 1, D], as RotaryEmbedding.cos_sin gives them
+    args = (cache.keys[0], cache.values[0], slots, 9, 3, 64)
+    want_q, want_k, want_v, stored = TORCH_OPS.rotary_qkv(qkv.clone(), cos, sin, *args)
+    assert not stored and cache.keys[0].abs().sum() == 0
+    q, k, v, stored = CPU_OPS.rotary_qkv(qkv, cos, sin, *args)
+    assert stored
+    assert q.shape == want_q.shape == (7, 9, 64) and k.shape == v.shape == (7, 3, 64)
+    torch.testing.assert_close(q, want_q)
+    torch.testing.assert_close(k, want_k)
+    torch.testing.assert_close(v, want_v, rtol=0, atol=0)
+    torch.testing.assert_close(cache.keys[0][slots], want_k)
+    torch.testing.assert_close(cache.values[0][slots], want_v, rtol=0, atol=0)
+    # Another dtype goes to the torch twin, cache untouched.
+    q64, _, _, stored = CPU_OPS.rotary_qkv(qkv.double(), cos.double(), sin.double(), *args)
+    assert not stored and q64.dtype == torch.float64
+
+
+@needs_kernel
 def test_layers_route_float32_cpu_to_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     for name in ("rms_norm", "add_rms_norm", "silu_mul"):
@@ -151,22 +172,27 @@ def test_layers_route_float32_cpu_to_the_kernels(monkeypatch: pytest.MonkeyPatch
             return _real(*args)
 
         monkeypatch.setattr(fused, name, spy)
-    norm = RMSNorm(torch.rand(32), 1e-6)
+    norm = RMSNorm(torch.rand(32), 1e-6, CPU_OPS)
     x, r = torch.randn(4, 32), torch.randn(4, 32)
     torch.testing.assert_close(norm(x), torch_rms_norm(x, norm.weight, 1e-6))
     normed, _ = norm.add(x, r)
     torch.testing.assert_close(normed, torch_rms_norm(x + r, norm.weight, 1e-6))
-    mlp = GatedMLP(Linear(torch.randn(16, 32)), RowLinear(Linear(torch.randn(32, 8)), 1), F.silu)
+    mlp = GatedMLP(
+        Linear(torch.randn(16, 32), kernels=CPU_OPS),
+        RowLinear(Linear(torch.randn(32, 8), kernels=CPU_OPS), 1),
+        F.silu,
+        CPU_OPS,
+    )
     gate, up = F.linear(x, mlp.gate_up.weight).chunk(2, dim=-1)
     torch.testing.assert_close(mlp(x), F.linear(F.silu(gate) * up, mlp.down.linear.weight))
     assert calls == ["rms_norm", "add_rms_norm", "silu_mul"]
     # Other dtypes take the torch path, which needs no kernel.
     calls.clear()
-    norm64 = RMSNorm(torch.rand(32, dtype=torch.float64), 1e-6)
+    norm64 = RMSNorm(torch.rand(32, dtype=torch.float64), 1e-6, CPU_OPS)
     norm64(x.double())
     norm64.add(x.double(), r.double())
     assert calls == []
-    assert mlp_module.fused is fused
+    assert cpu_ops.fused is fused
 
 
 def torch_greedy(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,8 +250,11 @@ def test_greedy_chooser_takes_the_fused_op_and_keeps_all_logprobs(
         return kernel(scores)
 
     monkeypatch.setattr(greedy_kernel, "greedy_choice", spy)
+    assert cpu_ops.greedy_kernel is greedy_kernel
     logits = torch.randn(3, 50)
-    out = NextTokenChooser.from_params([SamplingParams()] * 3, [[1]] * 3, 50, "cpu")(logits)
+    out = NextTokenChooser.from_params(
+        [SamplingParams()] * 3, [[1]] * 3, 50, "cpu", CPU_OPS
+    )(logits)
     assert calls == [(3, 50)]
     want_ids, want_logprobs = torch_greedy(logits)
     assert torch.equal(out.next_ids, want_ids)
@@ -234,6 +263,6 @@ def test_greedy_chooser_takes_the_fused_op_and_keeps_all_logprobs(
     torch.testing.assert_close(out.all_logprobs, torch.log_softmax(logits, -1))
     # A sampling row needs the distribution itself: no fused op.
     sampled = NextTokenChooser.from_params([SamplingParams(temperature=0.5, seed=3)], [[1]], 50,
-                                           "cpu")
+                                           "cpu", CPU_OPS)
     sampled(torch.randn(1, 50))
     assert len(calls) == 1

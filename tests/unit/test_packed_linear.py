@@ -6,9 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tgserve.shard.layers import linear as linear_module
 from tests.needs import needs_kernel
-from tgserve.shard.kernels import build
+from tgserve.shard.kernels import CPU_OPS, build, select_ops
 from tgserve.shard.kernels import linear as kernel_linear
 from tgserve.shard.layers.embedding import Embedding, LMHead
 from tgserve.shard.layers.linear import Linear
@@ -143,7 +142,7 @@ def test_rejects_what_it_cannot_multiply() -> None:
 @needs_kernel
 def test_layers_hold_float32_cpu_weights_packed_once() -> None:
     weight, bias = torch.randn(130, 40), torch.randn(130)
-    layer = Linear.of(weight, bias)
+    layer = Linear.of(weight, bias, CPU_OPS)
     assert layer.weight is None and layer.packed is not None  # the plain copy is not kept
     x = torch.randn(2, 3, 40)  # a leading batch dimension
     out = layer(x)
@@ -158,7 +157,7 @@ def test_layers_hold_float32_cpu_weights_packed_once() -> None:
 def test_a_tied_embedding_reads_the_lm_heads_panels() -> None:
     table = torch.randn(200, 40)
     embedding = Embedding(table, 0, 1)
-    head = LMHead(Linear.of(table), 1)
+    head = LMHead(Linear.of(table, None, CPU_OPS), 1)
     embedding.weight, embedding.tied = None, head.linear
     ids = torch.tensor([[3, 199], [0, 64]])
     assert torch.equal(embedding(ids), table[ids])
@@ -172,9 +171,11 @@ def test_other_weights_stay_plain_for_torch() -> None:
         torch.randn(4, 8),  # too small to be worth packing
         torch.randn(130, 40, requires_grad=True),  # autograd needs the torch path
     ):
-        layer = Linear.of(weight)
+        layer = Linear.of(weight, None, CPU_OPS)
         assert layer.packed is None and layer.weight is weight
         x = torch.randn(3, 40 if weight.shape[1] == 40 else 8, dtype=weight.dtype)
         with torch.no_grad():
             torch.testing.assert_close(layer(x), F.linear(x, weight))
-    assert linear_module.packs(torch.randn(130, 40)) == build.available()
+    # A float32 CPU weight is packed where the kernels built (the C++ ops are chosen), else not.
+    panels = select_ops("cpu").pack_linear(torch.randn(130, 40), None)
+    assert (panels is not None) == build.available()

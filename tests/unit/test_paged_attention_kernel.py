@@ -144,8 +144,8 @@ def test_strided_views_are_read_in_place() -> None:
 @needs_kernel
 def test_matches_masked_sdpa_over_gathered_context() -> None:
     """Same answer as gathering each row's context and running masked SDPA (the path it replaces),
-    written out here rather than imported, so it stays a torch-only reference once sdpa.py
-    dispatches to the kernel."""
+    written out here rather than imported, so it stays a torch-only reference whatever the torch
+    ops do."""
     gen = torch.Generator().manual_seed(4)
     q, k_cache, v_cache, kv_index, lengths = random_case(gen, 5, 3, 3, 64)
     meta = AttentionMetadata(

@@ -1,4 +1,4 @@
-"""The C++ causal prefill-attention kernel against a float64 reference, and sdpa.py's use of it."""
+"""The C++ causal prefill-attention kernel against a float64 reference, and the ops' use of it."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from tests.needs import needs_kernel
-from tgserve.shard.kernels import attention
-from tgserve.shard.layers.attention import sdpa
+from tgserve.shard.kernels import CPU_OPS, TORCH_OPS, attention, cpu_ops
 from tgserve.shard.layers.attention.metadata import PrefillSequence
 
 
@@ -84,7 +83,7 @@ def test_rejects_what_it_cannot_do() -> None:
 
 
 class _Cache:
-    """The two per-layer tensors sdpa reads for a cached prefix."""
+    """The two per-layer tensors the prefill reads for a cached prefix."""
 
     def __init__(self, slots: int, kv_heads: int, dim: int, gen: torch.Generator) -> None:
         self.keys = [torch.randn(slots, kv_heads, dim, generator=gen)]
@@ -92,7 +91,7 @@ class _Cache:
 
 
 @needs_kernel
-def test_sdpa_sends_new_prompts_to_the_kernel_and_cached_ones_to_torch(
+def test_cpu_ops_send_new_prompts_to_the_kernel_and_cached_ones_to_torch(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     gen = torch.Generator().manual_seed(3)
@@ -115,11 +114,16 @@ def test_sdpa_sends_new_prompts_to_the_kernel_and_cached_ones_to_torch(
         kernel(out, q, k, v, starts, lengths, scale, window)
 
     monkeypatch.setattr(attention, "prefill_attention", spy)
+    assert cpu_ops.attention is attention  # the module the C++ ops call through
     out = torch.zeros(60, heads, dim)
-    sdpa._prefill(out, q, k, v, cache, 0, sequences, dim**-0.5, None)  # type: ignore[arg-type]
+    CPU_OPS.prefill_attention(
+        out, q, k, v, cache.keys[0], cache.values[0], sequences, dim**-0.5, None
+    )
     assert calls == [[0, 25]]  # both new prompts in one call; the cached one went to torch
 
-    monkeypatch.setattr(sdpa, "_own_kernel_sequences", lambda *args: [])
     torch_path = torch.zeros(60, heads, dim)
-    sdpa._prefill(torch_path, q, k, v, cache, 0, sequences, dim**-0.5, None)  # type: ignore[arg-type]
+    TORCH_OPS.prefill_attention(
+        torch_path, q, k, v, cache.keys[0], cache.values[0], sequences, dim**-0.5, None
+    )
+    assert calls == [[0, 25]]
     torch.testing.assert_close(out, torch_path, atol=2e-5, rtol=1e-4)

@@ -161,7 +161,7 @@ class Generator:
         requests = [self._request_state(r) for r in new]
         chooser = NextTokenChooser.from_params(
             [r.params for r in requests], [r.all_ids for r in requests],
-            self.model.dims.vocab_size, self.device,
+            self.model.dims.vocab_size, self.device, self.model.kernels,
         )
         joining = Batch(batch_id, requests, chooser, Batch.build_slot_table(requests, self.device))
         inputs = prepare_forward(running, requests, [r.cache_len for r in new], self.device)

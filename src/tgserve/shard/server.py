@@ -114,10 +114,6 @@ async def serve(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = init_distributed(args)
-    if device.type == "cpu":
-        from tgserve.shard.kernels import build
-
-        build.available()  # build or load the C++ kernels now, not during a request
     model = load_model(args.model_path, device, args.dtype, args.rank, args.world_size,
                        gguf_file=args.gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(str(args.model_path))

@@ -21,7 +21,7 @@ from tgserve.env import cache_dir
 
 logger = logging.getLogger(__name__)
 
-# One extension for all kernels: one build, one load, one warm-up call (server.py) covers them all.
+# One extension for all kernels: one build, one load (at model load: select_ops) covers them all.
 _NAME = "tgserve_cpu_kernels"
 _SOURCES = [
     Path(__file__).parent / "csrc" / name
