@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.golden.harness import Harness
 from tgserve.launcher.weights import resolve_model
-from tgserve.shard.layers.attention import sdpa
+from tgserve.shard.layers.attention import paged
 
 
 def tgserve_decode(h: Harness, batch: int, context: int, steps: int) -> tuple[float, float]:
@@ -27,7 +27,7 @@ def tgserve_decode(h: Harness, batch: int, context: int, steps: int) -> tuple[fl
     ids = [[(7 * i + j) % 40000 + 100 for j in range(context)] for i in range(batch)]
     h.add([h.request(i, ids[i], steps + 2) for i in range(batch)])
     spent = [0.0]
-    original = sdpa._decode
+    original = paged._decode
 
     def timed(*args, **kwargs):  # type: ignore[no-untyped-def]
         start = time.perf_counter()
@@ -35,7 +35,7 @@ def tgserve_decode(h: Harness, batch: int, context: int, steps: int) -> tuple[fl
         spent[0] += time.perf_counter() - start
         return out
 
-    sdpa._decode = timed
+    paged._decode = timed
     try:
         times = []
         for _ in range(steps):
@@ -43,7 +43,7 @@ def tgserve_decode(h: Harness, batch: int, context: int, steps: int) -> tuple[fl
             h.step()
             times.append(time.perf_counter() - start)
     finally:
-        sdpa._decode = original
+        paged._decode = original
     h.run_to_end()
     step = statistics.median(times)
     return batch / step, spent[0] / sum(times)

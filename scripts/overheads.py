@@ -142,30 +142,31 @@ def _median_ms(fn: Callable[[], object], rounds: int) -> float:
 def stream(rounds: int = 15) -> None:
     import torch
 
-    from tgserve.shard.layers.attention import cpu_kernels
+    from tgserve.shard.kernels import build
+    from tgserve.shard.kernels import linear as kernel_linear
 
-    if not cpu_kernels.available():
+    if not build.available():
         print("\nstream: the C++ kernels are not available here")
         return
     torch.manual_seed(0)
     shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o, gate_up, down
-    layers = [[(cpu_kernels.pack_linear_weight(torch.randn(n, k)), n, torch.randn(1, k))
+    layers = [[(kernel_linear.pack_linear_weight(torch.randn(n, k)), n, torch.randn(1, k))
                for n, k in shapes] for _ in range(30)]
     total = sum(n * k * 4 for n, k in shapes) * 30
 
     def per_op() -> None:
         for layer in layers:
             for packed, n, x in layer:
-                cpu_kernels.packed_linear(x, packed, n)
+                kernel_linear.packed_linear(x, packed, n)
 
     per_op_ms = _median_ms(per_op, rounds)
     flat = torch.cat([p.flatten() for layer in layers for p, _, _ in layer])
     sum_ms = _median_ms(flat.sum, rounds)
     del layers
     rows = total // (576 * 4) // 16 * 16
-    one = cpu_kernels.pack_linear_weight(torch.randn(rows, 576))
+    one = kernel_linear.pack_linear_weight(torch.randn(rows, 576))
     x = torch.randn(1, 576)
-    one_ms = _median_ms(lambda: cpu_kernels.packed_linear(x, one, rows), rounds)
+    one_ms = _median_ms(lambda: kernel_linear.packed_linear(x, one, rows), rounds)
     print(f"\nstream: {total / 2**20:.0f} MiB of weights at batch 1, median of {rounds}")
     for name, ms in (("120 linears, one per op", per_op_ms), ("one linear of all rows", one_ms),
                      ("plain read (sum)", sum_ms)):

@@ -129,8 +129,7 @@ class Config:
         None, "Accepted for compatibility (no CUDA graphs yet)",
         notice="tgserve captures no CUDA graphs yet")
     disable_custom_kernels: bool = _flag(
-        False, "Accepted for compatibility", parse=None,
-        notice="the C++ CPU kernels are chosen by the CPU's instruction set")
+        False, "Run torch's ops instead of tgserve's C++ kernels", parse=None, used_by=(SHARD,))
     kv_cache_memory: int | None = _flag(
         None, "Bytes of KV cache per shard, e.g. 1GiB (default: auto)", parse=parse_bytes,
         used_by=(SHARD,))

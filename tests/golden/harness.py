@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from tgserve.shard.generation import Generation
 from tgserve.shard.generator import Generator, NewRequest
+from tgserve.shard.kernels import KernelOps
 from tgserve.shard.loading.loaders import load_model
 from tgserve.shard.sampling.params import SamplingParams, StoppingParams, Watermark
 
@@ -41,10 +42,12 @@ class Harness:
         ahead: bool = False,
         kv_dtype: torch.dtype | None = None,
         watermark: Watermark = Watermark(),
+        kernels: KernelOps | None = None,
     ) -> None:
         """With `ahead`, every step's batch has its next step computed at once, as a shard does
-        for small batches (Generator.decode_ahead): joins, leaves and cancels then meet it."""
-        model = load_model(model_dir, DEVICE, "float32", gguf_file=gguf_file)
+        for small batches (Generator.decode_ahead): joins, leaves and cancels then meet it.
+        `kernels`: the ops the model runs on (by default, what a shard on DEVICE selects)."""
+        model = load_model(model_dir, DEVICE, "float32", gguf_file=gguf_file, kernels=kernels)
         self.model_dir, self.gguf_file = model_dir, gguf_file
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.generator = Generator(model, self.tokenizer, eos, block_size, kv_dtype=kv_dtype,

@@ -9,6 +9,7 @@ import torch
 
 from tests.golden.harness import DEVICE, Harness
 from tests.golden.tiny_models import ARCHS, build, reference_greedy
+from tgserve.shard.kernels import TORCH_OPS
 
 NEW_TOKENS = 64
 
@@ -173,3 +174,28 @@ def test_greedy_from_a_cached_prefix(arch, mixed: bool) -> None:  # type: ignore
     assert h.outputs[3].ids == expected_a[:24]
     assert max(abs(x - y) for x, y in zip(h.outputs[2].logprobs, lp_b)) < 1e-4
     assert max(abs(x - y) for x, y in zip(h.outputs[3].logprobs, lp_a)) < 1e-4
+
+
+def test_torch_ops_match_transformers(arch) -> None:  # type: ignore[no-untyped-def]
+    """The torch implementation of every op (a GPU's, or a CPU's without the C++ kernels) end to
+    end: greedy tokens alone, then two prompts that continue A's cached prefix in a mixed step."""
+    name, folder, reference = arch
+    a_ids = prompt(20, 40)
+    b_ids = a_ids[:33] + prompt(21, 14)
+    h = Harness(folder, kernels=TORCH_OPS)
+    assert h.generator.model.kernels is TORCH_OPS
+    a = h.request(1, a_ids, NEW_TOKENS)
+    h.add([a])
+    for _ in range(3):
+        h.step()
+    b = h.request(2, b_ids, 24, prefix_of=a, cache_len=32)
+    h.add([b, h.request(3, prompt(22, 19), 24)], mixed=True)
+    h.run_to_end()
+    expected_a, lp_a = hf_greedy(reference, a_ids, NEW_TOKENS)
+    expected_b, lp_b = hf_greedy(reference, b_ids, 24)
+    expected_c, _ = hf_greedy(reference, prompt(22, 19), 24)
+    assert h.outputs[1].ids == expected_a, f"torch ops diverged ({name})"
+    assert h.outputs[2].ids == expected_b, f"prefix-cached request diverged on torch ops ({name})"
+    assert h.outputs[3].ids == expected_c
+    assert max(abs(x - y) for x, y in zip(h.outputs[1].logprobs, lp_a)) < 1e-4
+    assert max(abs(x - y) for x, y in zip(h.outputs[2].logprobs, lp_b)) < 1e-4

@@ -9,20 +9,20 @@ import torch
 
 from tests.golden.harness import Harness, count_calls
 from tests.golden.tiny_models import build
-from tgserve.shard.layers.attention import cpu_kernels
+from tests.needs import needs_kernel
+from tgserve.shard.kernels import decode_layer
 from tgserve.shard.models.llama import LlamaForCausalLM
-
-needs_kernel = pytest.mark.skipif(
-    not cpu_kernels.available(),
-    reason="C++ CPU kernels could not be built here (no ninja or no C++ compiler)",
-)
 
 
 def decode_run(folder: Path, fused: bool, prompts: list[list[int]]) -> Harness:
     h = Harness(folder, num_blocks=64)
     model = h.generator.model
     assert isinstance(model, LlamaForCausalLM)
-    assert all(layer.fused_decode for layer in model.layers)  # every piece packed on CPU
+    assert all(layer.fused_decode for layer in model.layers)
+    for layer in model.layers:  # every piece packed on CPU
+        linears = (layer.attention.qkv, layer.attention.o.linear, layer.mlp.gate_up,
+                   layer.mlp.down.linear)
+        assert all(linear.packed is not None for linear in linears)
     for layer in model.layers:
         layer.fused_decode = fused
     h.add([h.request(i, p, 12) for i, p in enumerate(prompts[:2])])
@@ -42,7 +42,7 @@ def test_fused_decode_layer_is_bit_identical(
     g = torch.Generator().manual_seed(7)
     # Mistral's window is 24: the 30-token prompt decodes past it.
     prompts = [torch.randint(1, 500, (n,), generator=g).tolist() for n in (30, 5, 17)]
-    calls = count_calls(monkeypatch, cpu_kernels, "llama_decode_layer")
+    calls = count_calls(monkeypatch, decode_layer, "llama_decode_layer")
     fused = decode_run(tmp_path, True, prompts)
     assert calls[0] > 0
     seen = calls[0]

@@ -16,7 +16,8 @@ import torch
 
 from tests.golden.harness import Harness, count_calls
 from tests.golden.tiny_models import ARCHS, build
-from tgserve.shard.layers.attention import cpu_kernels
+from tests.needs import needs_kernel
+from tgserve.shard.kernels import decode_layer
 
 NEW_TOKENS = 48
 KV_LOGPROB_TOLERANCE = 2e-2
@@ -110,12 +111,11 @@ def test_float16_cache_changes_the_numbers_only_by_rounding(arch) -> None:  # ty
     assert 0 < max(diffs) < KV_LOGPROB_TOLERANCE
 
 
+@needs_kernel
 def test_kernels_take_the_float16_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """On CPU the fused decode layer keeps running with a float16 cache (no silent torch path)."""
-    if not cpu_kernels.available():
-        pytest.skip("C++ CPU kernels could not be built here (no ninja or no C++ compiler)")
     build("llama", tmp_path)
-    calls = count_calls(monkeypatch, cpu_kernels, "llama_decode_layer")
+    calls = count_calls(monkeypatch, decode_layer, "llama_decode_layer")
     h = Harness(tmp_path, kv_dtype=torch.float16)
     h.add([h.request(1, prompt(60, 12), 4)])
     h.run_to_end()

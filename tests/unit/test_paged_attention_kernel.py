@@ -6,13 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tgserve.shard.layers.attention import cpu_kernels
+from tests.needs import needs_kernel
+from tgserve.shard.kernels import attention, build
 from tgserve.shard.layers.attention.metadata import AttentionMetadata
-
-needs_kernel = pytest.mark.skipif(
-    not cpu_kernels.available(),
-    reason="CPU attention kernel could not be built here (no ninja or no C++ compiler)",
-)
 
 
 def reference(
@@ -73,7 +69,7 @@ def test_matches_reference_over_random_shapes(dim: int, window: int) -> None:
         group = groups[trial]
         case = random_case(gen, batch, kv_heads, group, dim)
         scale = dim**-0.5
-        got = cpu_kernels.paged_decode_attention(*case, scale, window)
+        got = attention.paged_decode_attention(*case, scale, window)
         want = reference(*case, scale, window)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -89,8 +85,8 @@ def test_float16_cache_is_read_as_its_float_values(dim: int) -> None:
         q, k_cache, v_cache, kv_index, lengths = random_case(gen, batch, 1 + trial, 3, dim)
         k16, v16 = k_cache.half(), v_cache.half()
         for window in (0, 7):
-            got = cpu_kernels.paged_decode_attention(q, k16, v16, kv_index, lengths, 0.1, window)
-            want = cpu_kernels.paged_decode_attention(
+            got = attention.paged_decode_attention(q, k16, v16, kv_index, lengths, 0.1, window)
+            want = attention.paged_decode_attention(
                 q, k16.float(), v16.float(), kv_index, lengths, 0.1, window
             )
             tol = 0.0 if dim % 16 == 0 else 1e-6
@@ -105,14 +101,14 @@ def test_float16_cache_is_read_as_its_float_values(dim: int) -> None:
 def test_large_head_dim_and_padding_slots_are_ignored() -> None:
     gen = torch.Generator().manual_seed(1)
     q, k_cache, v_cache, kv_index, lengths = random_case(gen, 4, 2, 4, 256)
-    got = cpu_kernels.paged_decode_attention(q, k_cache, v_cache, kv_index, lengths, 0.0625, 0)
+    got = attention.paged_decode_attention(q, k_cache, v_cache, kv_index, lengths, 0.0625, 0)
     # Poison every slot that no row attends: a kernel reading the padding would change its output.
     used = torch.zeros(k_cache.shape[0], dtype=torch.bool)
     for b in range(4):
         used[kv_index[b, : lengths[b]]] = True
     k_cache[~used] = float("nan")
     v_cache[~used] = float("nan")
-    again = cpu_kernels.paged_decode_attention(q, k_cache, v_cache, kv_index, lengths, 0.0625, 0)
+    again = attention.paged_decode_attention(q, k_cache, v_cache, kv_index, lengths, 0.0625, 0)
     torch.testing.assert_close(again, got, atol=0, rtol=0)
     want = reference(q, k_cache, v_cache, kv_index, lengths, 0.0625, 0)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -124,7 +120,7 @@ def test_large_scores_stay_finite() -> None:
     gen = torch.Generator().manual_seed(2)
     q, k_cache, v_cache, kv_index, lengths = random_case(gen, 3, 2, 2, 64)
     q = q * 100
-    got = cpu_kernels.paged_decode_attention(q, k_cache, v_cache, kv_index, lengths, 1.0, 0)
+    got = attention.paged_decode_attention(q, k_cache, v_cache, kv_index, lengths, 1.0, 0)
     assert torch.isfinite(got).all()
     want = reference(q, k_cache, v_cache, kv_index, lengths, 1.0, 0)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -140,7 +136,7 @@ def test_strided_views_are_read_in_place() -> None:
     # The runner passes a column slice of its wider slot table.
     table = torch.cat([kv_index, torch.full_like(kv_index, -1)], dim=1)[:, : kv_index.shape[1]]
     assert not k_wide.is_contiguous() and not table.is_contiguous()
-    got = cpu_kernels.paged_decode_attention(q, k_wide, v_wide, table, lengths, 0.2, 0)
+    got = attention.paged_decode_attention(q, k_wide, v_wide, table, lengths, 0.2, 0)
     want = reference(q, k_cache, v_cache, kv_index, lengths, 0.2, 0)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -148,8 +144,8 @@ def test_strided_views_are_read_in_place() -> None:
 @needs_kernel
 def test_matches_masked_sdpa_over_gathered_context() -> None:
     """Same answer as gathering each row's context and running masked SDPA (the path it replaces),
-    written out here rather than imported, so it stays a torch-only reference once sdpa.py
-    dispatches to the kernel."""
+    written out here rather than imported, so it stays a torch-only reference whatever the torch
+    ops do."""
     gen = torch.Generator().manual_seed(4)
     q, k_cache, v_cache, kv_index, lengths = random_case(gen, 5, 3, 3, 64)
     meta = AttentionMetadata(
@@ -165,7 +161,7 @@ def test_matches_masked_sdpa_over_gathered_context() -> None:
         want = F.scaled_dot_product_attention(
             q.unsqueeze(2), keys, values, attn_mask=mask, scale=0.125, enable_gqa=True
         ).squeeze(2)
-        got = cpu_kernels.paged_decode_attention(
+        got = attention.paged_decode_attention(
             q, k_cache, v_cache, kv_index, lengths, 0.125, window or 0
         )
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -176,7 +172,7 @@ def test_empty_row_gives_zeros() -> None:
     gen = torch.Generator().manual_seed(5)
     q, k_cache, v_cache, kv_index, lengths = random_case(gen, 2, 1, 2, 16)
     lengths[1] = 0
-    got = cpu_kernels.paged_decode_attention(q, k_cache, v_cache, kv_index, lengths, 0.25, 0)
+    got = attention.paged_decode_attention(q, k_cache, v_cache, kv_index, lengths, 0.25, 0)
     assert torch.equal(got[1], torch.zeros_like(got[1]))
 
 
@@ -187,41 +183,41 @@ def test_rejects_bad_inputs() -> None:
     bad_index = kv_index.clone()
     bad_index[1, 0] = 64  # one past the last slot
     with pytest.raises(RuntimeError, match="slot outside"):
-        cpu_kernels.paged_decode_attention(q, k_cache, v_cache, bad_index, lengths, 0.25, 0)
+        attention.paged_decode_attention(q, k_cache, v_cache, bad_index, lengths, 0.25, 0)
     with pytest.raises(RuntimeError, match="lengths"):
         too_long = lengths.clone()
         too_long[0] = kv_index.shape[1] + 1
-        cpu_kernels.paged_decode_attention(q, k_cache, v_cache, kv_index, too_long, 0.25, 0)
+        attention.paged_decode_attention(q, k_cache, v_cache, kv_index, too_long, 0.25, 0)
     with pytest.raises(RuntimeError, match="float32"):
-        cpu_kernels.paged_decode_attention(
+        attention.paged_decode_attention(
             q.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16(), kv_index, lengths, 0.25, 0
         )
     with pytest.raises(RuntimeError, match="multiple of kv heads"):
-        cpu_kernels.paged_decode_attention(q[:, :3], k_cache, v_cache, kv_index, lengths, 0.25, 0)
+        attention.paged_decode_attention(q[:, :3], k_cache, v_cache, kv_index, lengths, 0.25, 0)
 
 
 def test_compile_flags_are_portable() -> None:
-    assert "-march=native" not in cpu_kernels.compile_flags("AVX512")
-    assert "-mavx2" in cpu_kernels.compile_flags("AVX2")
-    assert "-mavx2" not in cpu_kernels.compile_flags("DEFAULT")
+    assert "-march=native" not in build.compile_flags("AVX512")
+    assert "-mavx2" in build.compile_flags("AVX2")
+    assert "-mavx2" not in build.compile_flags("DEFAULT")
     # AMX code only where the CPU has tiles: a binary built for AVX-512 alone must not carry it.
-    assert "-mamx-tile" in cpu_kernels.compile_flags("AVX512_AMX")
-    assert "-mavx512f" in cpu_kernels.compile_flags("AVX512_AMX")
-    assert "-mamx-tile" not in cpu_kernels.compile_flags("AVX512")
+    assert "-mamx-tile" in build.compile_flags("AVX512_AMX")
+    assert "-mavx512f" in build.compile_flags("AVX512_AMX")
+    assert "-mamx-tile" not in build.compile_flags("AVX512")
 
 
 def test_an_amx_build_that_fails_falls_back_to_avx512(monkeypatch: pytest.MonkeyPatch) -> None:
     built: list[list[str]] = []
 
-    def build(cpp_extension, directory, flags):  # type: ignore[no-untyped-def]
+    def fake_build(cpp_extension, directory, flags):  # type: ignore[no-untyped-def]
         built.append(flags)
         if "-mamx-tile" in flags:
             raise RuntimeError("cc1plus: error: unrecognized command-line option '-mamx-tile'")
 
-    monkeypatch.setattr(cpu_kernels, "_build", build)
-    ops, capability = cpu_kernels.build_with_fallback(None, "AVX512_AMX")
+    monkeypatch.setattr(build, "_build", fake_build)
+    ops, capability = build.build_with_fallback(None, "AVX512_AMX")
     assert capability == "AVX512" and ops is not None
     assert "-mamx-tile" in built[0] and "-mamx-tile" not in built[1] and "-mavx512f" in built[1]
     # Any other failure is final: the torch path.
-    monkeypatch.setattr(cpu_kernels, "_build", lambda *a: (_ for _ in ()).throw(OSError("no cc")))
-    assert cpu_kernels.build_with_fallback(None, "AVX2") == (None, "AVX2")
+    monkeypatch.setattr(build, "_build", lambda *a: (_ for _ in ()).throw(OSError("no cc")))
+    assert build.build_with_fallback(None, "AVX2") == (None, "AVX2")

@@ -1,17 +1,13 @@
-"""The C++ causal prefill-attention kernel against a float64 reference, and sdpa.py's use of it."""
+"""The C++ causal prefill-attention kernel against a float64 reference, and the ops' use of it."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tgserve.shard.layers.attention import cpu_kernels, sdpa
+from tests.needs import needs_kernel
+from tgserve.shard.kernels import CPU_OPS, TORCH_OPS, attention, cpu_ops
 from tgserve.shard.layers.attention.metadata import PrefillSequence
-
-needs_kernel = pytest.mark.skipif(
-    not cpu_kernels.available(),
-    reason="CPU attention kernel could not be built here (no ninja or no C++ compiler)",
-)
 
 
 def reference(
@@ -58,7 +54,7 @@ def test_matches_reference(heads: int, kv_heads: int, dim: int, window: int) -> 
         at += n + 1
     q, k, v = fused_qkv(gen, at, heads, kv_heads, dim)
     out = torch.full((at, heads, dim), 7.0)
-    cpu_kernels.prefill_attention(
+    attention.prefill_attention(
         out, q, k, v, torch.tensor(starts), torch.tensor(lengths), dim**-0.5, window
     )
     inside = torch.zeros(at, dtype=torch.bool)
@@ -75,19 +71,19 @@ def test_rejects_what_it_cannot_do() -> None:
     q, k, v = fused_qkv(torch.Generator().manual_seed(0), 10, 2, 1, 64)
     out = torch.empty(10, 2, 64)
     with pytest.raises(RuntimeError, match="outside the rows"):
-        cpu_kernels.prefill_attention(out, q, k, v, torch.tensor([5]), torch.tensor([6]), 0.1)
-    max_length, multiple = cpu_kernels.prefill_attention_limits()
+        attention.prefill_attention(out, q, k, v, torch.tensor([5]), torch.tensor([6]), 0.1)
+    max_length, multiple = attention.prefill_attention_limits()
     bad_dim = multiple + multiple // 2
     q, k, v = fused_qkv(torch.Generator().manual_seed(0), 10, 2, 1, bad_dim)
     with pytest.raises(RuntimeError, match="head dim"):
-        cpu_kernels.prefill_attention(
+        attention.prefill_attention(
             torch.empty(10, 2, bad_dim), q, k, v, torch.tensor([0]), torch.tensor([10]), 0.1
         )
     assert max_length >= 2048
 
 
 class _Cache:
-    """The two per-layer tensors sdpa reads for a cached prefix."""
+    """The two per-layer tensors the prefill reads for a cached prefix."""
 
     def __init__(self, slots: int, kv_heads: int, dim: int, gen: torch.Generator) -> None:
         self.keys = [torch.randn(slots, kv_heads, dim, generator=gen)]
@@ -95,7 +91,7 @@ class _Cache:
 
 
 @needs_kernel
-def test_sdpa_sends_new_prompts_to_the_kernel_and_cached_ones_to_torch(
+def test_cpu_ops_send_new_prompts_to_the_kernel_and_cached_ones_to_torch(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     gen = torch.Generator().manual_seed(3)
@@ -111,18 +107,23 @@ def test_sdpa_sends_new_prompts_to_the_kernel_and_cached_ones_to_torch(
         PrefillSequence(start=40, length=20, cache_len=10, kv_slots=cached_slots),
     ]
     calls: list[list[int]] = []
-    kernel = cpu_kernels.prefill_attention
+    kernel = attention.prefill_attention
 
     def spy(out, q, k, v, starts, lengths, scale, window=0):  # type: ignore[no-untyped-def]
         calls.append(starts.tolist())
         kernel(out, q, k, v, starts, lengths, scale, window)
 
-    monkeypatch.setattr(cpu_kernels, "prefill_attention", spy)
+    monkeypatch.setattr(attention, "prefill_attention", spy)
+    assert cpu_ops.attention is attention  # the module the C++ ops call through
     out = torch.zeros(60, heads, dim)
-    sdpa._prefill(out, q, k, v, cache, 0, sequences, dim**-0.5, None)  # type: ignore[arg-type]
+    CPU_OPS.prefill_attention(
+        out, q, k, v, cache.keys[0], cache.values[0], sequences, dim**-0.5, None
+    )
     assert calls == [[0, 25]]  # both new prompts in one call; the cached one went to torch
 
-    monkeypatch.setattr(sdpa, "_own_kernel_sequences", lambda *args: [])
     torch_path = torch.zeros(60, heads, dim)
-    sdpa._prefill(torch_path, q, k, v, cache, 0, sequences, dim**-0.5, None)  # type: ignore[arg-type]
+    TORCH_OPS.prefill_attention(
+        torch_path, q, k, v, cache.keys[0], cache.values[0], sequences, dim**-0.5, None
+    )
+    assert calls == [[0, 25]]
     torch.testing.assert_close(out, torch_path, atol=2e-5, rtol=1e-4)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from tgserve.shard.kernels import select_ops
 from tgserve.shard.sampling import functional as F
 from tgserve.shard.sampling import logprobs as LP
 from tgserve.shard.sampling.chooser import NextTokenChooser
@@ -203,7 +204,8 @@ def test_watermark_adds_delta_on_greenlist_only() -> None:
 
 
 def _chooser(params: list[SamplingParams], prompts: list[list[int]], vocab: int):
-    return NextTokenChooser.from_params(params, prompts, vocab, CPU)
+    # The ops a CPU model gets: the C++ greedy choice where the kernels build.
+    return NextTokenChooser.from_params(params, prompts, vocab, CPU, select_ops(CPU))
 
 
 def test_greedy_fast_path_is_argmax_and_pure() -> None:

@@ -163,7 +163,7 @@ class Generator:
         requests = [self._request_state(r) for r in new]
         chooser = NextTokenChooser.from_params(
             [r.params for r in requests], [r.all_ids for r in requests],
-            self.model.dims.vocab_size, self.device,
+            self.model.dims.vocab_size, self.device, self.model.kernels,
             watermark_gamma=self.watermark.gamma, watermark_delta=self.watermark.delta,
         )
         joining = Batch(batch_id, requests, chooser, Batch.build_slot_table(requests, self.device))

@@ -16,13 +16,14 @@ from transformers import AutoTokenizer, GenerationConfig
 from tgserve.config import Config
 from tgserve.env import child_config, decode_ahead_max_batch, prefix_caching
 from tgserve.env import rank as env_rank
-from tgserve.memory import release_free_memory, recycle_step_buffers
+from tgserve.memory import recycle_step_buffers, release_free_memory
 from tgserve.pb import generate_pb2_grpc as pb_grpc
-from tgserve.tracing import setup_tracing
 from tgserve.shard.generator import Generator
+from tgserve.shard.kernels import TORCH_OPS
 from tgserve.shard.loading.loaders import DTYPES, load_model
 from tgserve.shard.sampling.params import Watermark
 from tgserve.shard.service import ShardSettings, TextGenerationService
+from tgserve.tracing import setup_tracing
 
 log = logging.getLogger("tgserve.shard")
 
@@ -87,15 +88,14 @@ async def serve(config: Config, rank: int) -> None:
     if config.threads:
         torch.set_num_threads(config.threads)
     device = init_distributed(config, rank)
-    if device.type == "cpu":
-        from tgserve.shard.layers.attention import cpu_kernels
-
-        cpu_kernels.available()  # build or load the C++ kernels now, not during a request
     assert config.model_path is not None, "the launcher resolves the model before the shards"
     model_path = Path(config.model_path)
     gguf_file = Path(config.gguf_file) if config.gguf_file else None
+    # Without the flag, load_model picks the kernels for this device (and builds them now, not
+    # during a request).
+    kernels = TORCH_OPS if config.disable_custom_kernels else None
     model = load_model(model_path, device, config.dtype, rank, config.world_size,
-                       gguf_file=gguf_file)
+                       gguf_file=gguf_file, kernels=kernels)
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     release_free_memory()  # what loading freed (e.g. GGUF dequantization buffers)
     eos = eos_token_ids(model_path, tokenizer, model.config)

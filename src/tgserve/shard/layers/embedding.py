@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tgserve.shard.layers.attention import cpu_kernels
+from tgserve.shard.kernels import KernelOps
 from tgserve.shard.layers.linear import Linear
 from tgserve.shard.loading.weights import Weights
 
@@ -38,7 +38,9 @@ class Embedding:
 
     def _rows(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tied is not None and self.tied.packed is not None:
-            rows = cpu_kernels.packed_rows(ids.reshape(-1), self.tied.packed, self.vocab_size)
+            rows = self.tied.kernels.packed_rows(
+                ids.reshape(-1), self.tied.packed, self.vocab_size
+            )
             return rows.view(*ids.shape, rows.shape[-1])
         assert self.weight is not None
         return F.embedding(ids, self.weight)
@@ -67,7 +69,11 @@ class LMHead:
 
 
 def load_lm_head(
-    weights: Weights, name: str, tied_name: str, embedding: Embedding | None = None
+    weights: Weights,
+    name: str,
+    tied_name: str,
+    kernels: KernelOps,
+    embedding: Embedding | None = None,
 ) -> LMHead:
     """The LM head; when it is tied to `embedding` (no weight of its own in the checkpoint) and
     gets packed, the embedding reads its rows from the packed panels and drops its own copy."""
@@ -76,7 +82,7 @@ def load_lm_head(
     weight = weights.get_tensor(source) if weights.world_size == 1 else None
     if weight is None:
         weight = weights.get_sharded(source, dim=0)
-    head = LMHead(Linear.of(weight), weights.world_size)
+    head = LMHead(Linear.of(weight, None, kernels), weights.world_size)
     if tied and embedding is not None and head.linear.packed is not None:
         embedding.weight, embedding.tied = None, head.linear
     return head

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tgserve.shard.layers.attention import cpu_kernels
-from tgserve.shard.layers.fused import cpu_kernels_fit
+from tgserve.shard.kernels import KernelOps
 from tgserve.shard.layers.linear import Linear, RowLinear, load_column, load_row
 from tgserve.shard.loading.weights import Weights
 
@@ -29,19 +28,22 @@ class GatedMLP:
     gate_up: Linear  # fused [2 * intermediate / world, hidden]
     down: RowLinear
     act: Callable[[torch.Tensor], torch.Tensor]
+    kernels: KernelOps
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up(x)
-        if self.act is F.silu and gate_up.dim() == 2 and cpu_kernels_fit(gate_up):
-            return self.down(cpu_kernels.silu_mul(gate_up))
+        if self.act is F.silu:
+            return self.down(self.kernels.silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down(self.act(gate) * up)
 
 
-def load_gated_mlp(weights: Weights, prefix: str, act: str, bias: bool = False) -> GatedMLP:
-    gate_up = load_column(weights, [f"{prefix}.gate_proj", f"{prefix}.up_proj"], bias)
-    down = load_row(weights, f"{prefix}.down_proj", bias)
-    return GatedMLP(gate_up, down, activation(act))
+def load_gated_mlp(
+    weights: Weights, prefix: str, act: str, kernels: KernelOps, bias: bool = False
+) -> GatedMLP:
+    gate_up = load_column(weights, [f"{prefix}.gate_proj", f"{prefix}.up_proj"], bias, kernels)
+    down = load_row(weights, f"{prefix}.down_proj", bias, kernels)
+    return GatedMLP(gate_up, down, activation(act), kernels)
 
 
 @dataclass

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tgserve.shard.layers.attention import cpu_kernels
-from tgserve.shard.layers.fused import cpu_kernels_fit
+from tgserve.shard.kernels import KernelOps
 from tgserve.shard.loading.weights import Weights
 
 
@@ -16,29 +15,14 @@ from tgserve.shard.loading.weights import Weights
 class RMSNorm:
     weight: torch.Tensor
     eps: float
+    kernels: KernelOps
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.stride(-1) == 1 and cpu_kernels_fit(x, self.weight):
-            return cpu_kernels.rms_norm(x, self.weight, self.eps)
-        return self.reference(x)
+        return self.kernels.rms_norm(x, self.weight, self.eps)
 
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): a block's residual add fused with the next norm."""
-        if (
-            x.dim() == 2
-            and x.stride(-1) == 1
-            and residual.stride(-1) == 1
-            and cpu_kernels_fit(x, residual, self.weight)
-        ):
-            return cpu_kernels.add_rms_norm(x, residual, self.weight, self.eps)
-        total = x + residual
-        return self.reference(total), total
-
-    def reference(self, x: torch.Tensor) -> torch.Tensor:
-        # Statistics in float32 whatever the serving dtype, as the reference implementations do.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 @dataclass
@@ -51,8 +35,8 @@ class LayerNorm:
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
-def load_rms_norm(weights: Weights, prefix: str, eps: float) -> RMSNorm:
-    return RMSNorm(weights.get_tensor(f"{prefix}.weight"), eps)
+def load_rms_norm(weights: Weights, prefix: str, eps: float, kernels: KernelOps) -> RMSNorm:
+    return RMSNorm(weights.get_tensor(f"{prefix}.weight"), eps, kernels)
 
 
 def load_layer_norm(weights: Weights, prefix: str, eps: float) -> LayerNorm:

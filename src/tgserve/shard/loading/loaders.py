@@ -13,6 +13,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from tgserve.isolated import in_child_process
+from tgserve.shard.kernels import KernelOps, select_ops
 from tgserve.shard.loading.gguf import dequantize_to_file
 from tgserve.shard.loading.weights import Weights, safetensors_files
 from tgserve.shard.models.base import CausalLM
@@ -46,12 +47,16 @@ def load_model(
     rank: int = 0,
     world_size: int = 1,
     gguf_file: Path | None = None,
-    attention: str = "sdpa",
+    kernels: KernelOps | None = None,
 ) -> CausalLM:
-    """`path` holds config.json (and, unless `gguf_file` is given, the safetensors weights)."""
+    """`path` holds config.json (and, unless `gguf_file` is given, the safetensors weights).
+    `kernels`: the ops every layer calls; by default the best for `device` (select_ops), which
+    on a CPU builds or loads the C++ kernels here, before any request."""
     config = load_config(path)
     cls = model_class(config)  # fail on an unsupported architecture before reading any weight
     torch_dtype = resolve_dtype(dtype, config, device)
+    if kernels is None:
+        kernels = select_ops(device)
     start = time.perf_counter()
     with contextlib.ExitStack() as scratch:
         if gguf_file is not None:
@@ -64,7 +69,7 @@ def load_model(
             files = safetensors_files(path)
         weights = Weights(files, torch_dtype, device, rank, world_size)
         with torch.inference_mode():
-            model = cls(config, weights, attention=attention)  # type: ignore[call-arg]
+            model = cls(config, weights, kernels)
         weights.close()
     log.info("loaded %s (%s) in %.1fs", config.model_type, torch_dtype, time.perf_counter() - start)
     return model

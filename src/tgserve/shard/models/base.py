@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PretrainedConfig
 
+from tgserve.shard.kernels import KernelOps
 from tgserve.shard.kv_cache import KVCache
 from tgserve.shard.layers.attention import AttentionMetadata
 from tgserve.shard.layers.embedding import LMHead
@@ -58,8 +59,9 @@ class CausalLM(ABC):
 
     lm_head: LMHead
 
-    def __init__(self, config: PretrainedConfig, weights: Weights) -> None:
+    def __init__(self, config: PretrainedConfig, weights: Weights, kernels: KernelOps) -> None:
         self.config = config
+        self.kernels = kernels  # what every layer calls; the sampler's greedy choice too
         self.dtype = weights.dtype
         self.device = weights.device
         self.dims = ModelDims.from_config(config, weights.world_size)

@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tgserve.shard.layers.attention import cpu_kernels
-from tgserve.shard.layers.fused import cpu_kernels_fit
+from tgserve.shard.kernels import KernelOps
 from tgserve.shard.sampling import functional as F
 from tgserve.shard.sampling.params import SamplingParams
 
@@ -140,6 +139,7 @@ class NextTokenChooser:
     device: torch.device
     state: dict[str, torch.Tensor]  # see _STATE_NEEDS; rows first
     generators: list[torch.Generator | None]  # per row; None for greedy rows
+    kernels: KernelOps  # the model's: its greedy choice
     watermark_gamma: float = F.WATERMARK_GAMMA
     watermark_delta: float = F.WATERMARK_DELTA
     _ops: tuple[_RowOp, ...] = field(init=False, repr=False)
@@ -160,6 +160,7 @@ class NextTokenChooser:
         prompt_ids: Sequence[Sequence[int]],
         vocab_size: int,
         device: torch.device,
+        kernels: KernelOps,
         watermark_gamma: float = F.WATERMARK_GAMMA,
         watermark_delta: float = F.WATERMARK_DELTA,
     ) -> NextTokenChooser:
@@ -171,7 +172,10 @@ class NextTokenChooser:
             if any(needs(p) for p in params)
         }
         generators = [_seeded(p.seed, device) if p.sampling else None for p in params]
-        return cls(params, vocab_size, device, state, generators, watermark_gamma, watermark_delta)
+        return cls(
+            params, vocab_size, device, state, generators, kernels, watermark_gamma,
+            watermark_delta,
+        )  # fmt: skip
 
     def __call__(self, logits: torch.Tensor) -> ChooserOutput:
         """Choose one token per row of logits [B, V]; the chooser's state is left as it was."""
@@ -184,9 +188,9 @@ class NextTokenChooser:
             scores = logits.to(torch.float32, copy=True)  # ours to edit in place from here on
             for op in self._ops:
                 scores = self._run(op, scores)
-        if not self._sample_rows and cpu_kernels_fit(scores):
-            next_ids, logprobs = cpu_kernels.greedy_choice(scores)
-            return ChooserOutput(next_ids, logprobs, scores)
+        if not self._sample_rows:
+            next_ids, logprobs, all_logprobs = self.kernels.greedy(scores)
+            return ChooserOutput(next_ids, logprobs, scores, all_logprobs)
         all_logprobs = torch.log_softmax(scores, dim=-1, dtype=torch.float32)
         next_ids = scores.argmax(dim=-1)
         if self._sample_rows:
@@ -226,7 +230,7 @@ class NextTokenChooser:
         }
         generators = [self.generators[i] for i in keep]
         return NextTokenChooser(
-            params, self.vocab_size, self.device, state, generators,
+            params, self.vocab_size, self.device, state, generators, self.kernels,
             self.watermark_gamma, self.watermark_delta,
         )
 
@@ -243,7 +247,7 @@ class NextTokenChooser:
                 state[name] = torch.cat([_state_or_zeros(c, name) for c in choosers], dim=0)
         generators = [g for c in choosers for g in c.generators]
         return cls(
-            params, first.vocab_size, first.device, state, generators,
+            params, first.vocab_size, first.device, state, generators, first.kernels,
             first.watermark_gamma, first.watermark_delta,
         )
 

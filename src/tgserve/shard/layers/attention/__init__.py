@@ -1,6 +1,6 @@
-"""Attention over the paged KV cache: explicit metadata and a registry of backends."""
+"""Attention over the paged KV cache: explicit metadata, and the attention the models call."""
 
 from tgserve.shard.layers.attention.metadata import AttentionMetadata
-from tgserve.shard.layers.attention.registry import get_backend
+from tgserve.shard.layers.attention.paged import paged_attention
 
-__all__ = ["AttentionMetadata", "get_backend"]
+__all__ = ["AttentionMetadata", "paged_attention"]

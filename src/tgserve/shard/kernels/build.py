@@ -1,4 +1,4 @@
-"""Builds once (JIT, cached on disk) and loads the C++ CPU kernels; callers fall back without them."""
+"""Builds once (JIT, cached on disk) and loads the C++ CPU kernels for this CPU's ISA."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tgserve.env import cache_dir
 
 logger = logging.getLogger(__name__)
 
-# One extension for all kernels: one build, one load, one warm-up call (server.py) covers them all.
+# One extension for all kernels: one build, one load (at model load: select_ops) covers them all.
 _NAME = "tgserve_cpu_kernels"
 _SOURCES = [
     Path(__file__).parent / "csrc" / name
@@ -38,127 +38,6 @@ _AVX512_CAPABILITIES = frozenset({"AVX512", "AVX512_AMX"})
 def available() -> bool:
     """True when the kernels are built and loaded; the first call may build them (tens of seconds)."""
     return _load() is not None
-
-
-def paged_decode_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    kv_index: torch.Tensor,
-    lengths: torch.Tensor,
-    scale: float,
-    window: int = 0,
-) -> torch.Tensor:
-    """softmax(q·kᵀ·scale)·v over each row's cached context, read in place through the slot index.
-
-    q: [B, H, D] float32; k_cache/v_cache: [N, Hkv, D], both float32 or both float16; kv_index: [B, L] int64 slots, of which row b
-    uses the first lengths[b]; window > 0 keeps only each row's last `window` positions.
-    Returns [B, H, D]; a row with length 0 gives zeros.
-    """
-    return _ops().paged_decode_attention(q, k_cache, v_cache, kv_index, lengths, scale, window)
-
-
-def prefill_attention(
-    out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    starts: torch.Tensor,
-    lengths: torch.Tensor,
-    scale: float,
-    window: int = 0,
-) -> None:
-    """Causal attention of each new prompt over its own tokens, into `out` [T, H, D] in place.
-
-    q: [T, H, D], k/v: [T, Hkv, D] float32 (rows may be strided, e.g. views of the fused QKV
-    projection); sequence i is rows starts[i] .. starts[i] + lengths[i] (int64 [S]), none longer
-    than prefill_attention_limits()[0], head dim a multiple of its [1]; window > 0 keeps each
-    position's last `window` keys. Rows outside every sequence are left as they are.
-    """
-    _ops().prefill_attention(out, q, k, v, starts, lengths, scale, window)
-
-
-@functools.cache
-def prefill_attention_limits() -> tuple[int, int]:
-    """(longest sequence, head-dim multiple) that prefill_attention takes; anything else keeps
-    torch's flash kernel, whose blocking suits long prompts anyway."""
-    max_length, dim_multiple = _ops().prefill_attention_limits()
-    return int(max_length), int(dim_multiple)
-
-
-def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] float32 -> [ceil(N / P), K, P] panels of P output columns (P: linear_panel_width())."""
-    return _ops().pack_linear_weight(weight)
-
-
-def linear_panel_width() -> int:
-    """Output columns per panel, fixed by the vector width the kernels were compiled for."""
-    return int(_ops().linear_panel_width())
-
-
-def linear_amx_min_rows() -> int:
-    """Rows from which packed_linear multiplies on AMX tiles (amx_linear.cpp); 0 without AMX."""
-    return int(_ops().linear_amx_min_rows())
-
-
-def packed_linear(
-    x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """x [M, K] · Wᵀ (+ bias) -> [M, n], W given as pack_linear_weight(W) with n rows."""
-    return _ops().packed_linear(x, packed, n, bias)
-
-
-def packed_rows(ids: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
-    """W[ids] read back from pack_linear_weight(W): an embedding lookup on a tied LM head."""
-    return _ops().packed_rows(ids, packed, n)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * x / sqrt(mean(x²) + eps) per row of x [T, hidden] (float32, unit-stride rows)."""
-    return _ops().rms_norm(x, weight, eps)
-
-
-def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual), x + residual) in one pass over the rows."""
-    normed, total = _ops().add_rms_norm(x, residual, weight, eps)
-    return normed, total
-
-
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[T, 2I] -> [T, I]: silu(first half) * second half."""
-    return _ops().silu_mul(gate_up)
-
-
-def rotary_store_kv(
-    qkv: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slots: torch.Tensor,
-    heads: int,
-    kv_heads: int,
-    dim: int,
-) -> None:
-    """In place on qkv [T, (H + 2 Hkv) D]: rotate-half RoPE of the q and k heads (cos/sin [T, D]);
-    then each token's k and v go to its slot of k_cache/v_cache [N, Hkv, D] (float32, or float16
-    rounded to nearest as torch rounds)."""
-    _ops().rotary_store_kv(qkv, cos, sin, k_cache, v_cache, slots, heads, kv_heads, dim)
-
-
-def llama_decode_layer(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole Llama-shaped layer of a decode step in one op; see models/llama.py for arguments."""
-    out, residual = _ops().llama_decode_layer(*args)
-    return out, residual
-
-
-def greedy_choice(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of scores [B, V] float32: (argmax [B] int64, log_softmax at the argmax [B] float32),
-    as torch.argmax and log_softmax give them, without the [B, V] log-probabilities."""
-    ids, logprobs = _ops().greedy_choice(scores)
-    return ids, logprobs
 
 
 def compile_flags(capability: str) -> list[str]:
@@ -235,7 +114,9 @@ def _build_or_none(cpp_extension: ModuleType, capability: str) -> Any | None:
     return torch.ops.tgserve_cpu
 
 
-def _ops() -> Any:
+def library() -> Any:
+    """torch.ops.tgserve_cpu, built and loaded; the family modules (attention.py, linear.py, ...)
+    call their ops through it."""
     ops = _load()
     if ops is None:
         raise RuntimeError("C++ CPU kernels are unavailable; check available() first")
