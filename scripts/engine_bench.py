@@ -78,7 +78,8 @@ def main() -> None:
                                                gguf_file=source.gguf_file.name,
                                                dtype=torch.float32).eval()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, context {args.context}")
-    print(f"{'batch':>5} {'tgserve tok/s':>14} {'transformers tok/s':>19} {'ratio':>6} {'attention':>10}")
+    print(f"{'batch':>5} {'tgserve tok/s':>14} {'transformers tok/s':>19} {'ratio':>6} "
+          f"{'attention':>10}")
     for b in (int(x) for x in args.batch.split(",")):
         ours, attention = tgserve_decode(h, b, args.context, args.steps)
         theirs = hf_decode(ref, b, args.context, args.steps)

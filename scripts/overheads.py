@@ -162,7 +162,7 @@ def stream(rounds: int = 15) -> None:
     per_op_ms = _median_ms(per_op, rounds)
     flat = torch.cat([p.flatten() for layer in layers for p, _, _ in layer])
     sum_ms = _median_ms(flat.sum, rounds)
-    del layers
+    layers.clear()
     rows = total // (576 * 4) // 16 * 16
     one = kernel_linear.pack_linear_weight(torch.randn(rows, 576))
     x = torch.randn(1, 576)
@@ -186,6 +186,7 @@ def contention(steps: int = 48, busy_ms: float = 2.4, period_ms: float = 25.0) -
 
     sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
     from engine_bench import tgserve_decode  # the engine's batch-1 steps, timed the same way
+
     from tests.golden.harness import Harness
 
     source = resolve_model(None, None, None, Path.home() / ".cache" / "tgserve")
@@ -199,7 +200,8 @@ def contention(steps: int = 48, busy_ms: float = 2.4, period_ms: float = 25.0) -
     print(f"\ncontention: batch-1 decode step at 256 positions, median of {steps}, alternating")
     for _ in range(2):
         alone = step_ms()
-        burner = mp.get_context("spawn").Process(target=_burn, args=(busy_ms, period_ms), daemon=True)
+        burner = mp.get_context("spawn").Process(target=_burn, args=(busy_ms, period_ms),
+                                                 daemon=True)
         burner.start()
         try:
             shared = step_ms()

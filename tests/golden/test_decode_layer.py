@@ -1,4 +1,4 @@
-"""The one-op decode layer (decode_layer.cpp) gives exactly what the layer's Python composition gives."""
+"""The one-op decode layer (decode_layer.cpp) equals the layer's Python composition, exactly."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The packaged default model (SmolLM2-135M-Instruct, Q4_1 GGUF) against transformers on the same file."""
+"""The packaged default model (SmolLM2-135M-Instruct, Q4_1 GGUF) against transformers, same file."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Engine behaviour beyond greedy parity: seeded sampling in batches, stop sequences, warmup capacity."""
+"""Engine behaviour beyond greedy parity: seeded sampling in batches, stop sequences, warmup."""
 
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def test_seeded_request_same_alone_and_in_a_batch_of_8(llama) -> None:  # type: 
     crowd.step()
     crowd.step()
     crowd.add([crowd.request(20 + i, prompt(20 + i, 12), 40, params=p)
-               for i, p in enumerate(others[4:])] + [crowd.request(1, prompt(1, 20), 32, params=SEEDED)])
+               for i, p in enumerate(others[4:])]
+              + [crowd.request(1, prompt(1, 20), 32, params=SEEDED)])
     crowd.run_to_end()
     assert crowd.outputs[1].ids == alone.outputs[1].ids
     assert crowd.outputs[1].logprobs == pytest.approx(alone.outputs[1].logprobs, abs=1e-4)
@@ -96,7 +97,7 @@ def test_warmup_capacity_can_really_be_filled(llama) -> None:  # type: ignore[no
     result = warmup(h.generator, [], budget, 512, None, None)
     assert result.max_supported_total_tokens == 40 * 16
     assert h.generator.kv_cache.num_slots == 40 * 16
-    # Fill every block but the reserved one with requests, as the router may, and run them to the end.
+    # Fill every block but the reserved one with requests, as the router may; run them to the end.
     h._free_blocks = list(range(1, 40))
     per_request = (39 * 16) // 3
     reqs = [h.request(i, prompt(30 + i, per_request - 15), 16) for i in range(3)]

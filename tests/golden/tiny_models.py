@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    AutoModelForCausalLM,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
-    AutoModelForCausalLM,
 )
 
 VOCAB = 512
@@ -50,7 +50,7 @@ ARCHS = ["llama", "llama-tied", "mistral", "qwen2", "gpt2"]
 
 
 def build(arch: str, folder: Path, seed: int = 0):  # type: ignore[no-untyped-def]
-    """Save a random model + tokenizer to `folder`; returns the transformers model (float32, eval)."""
+    """Save a random model + tokenizer to `folder`; returns the transformers model (float32)."""
     torch.manual_seed(seed)
     config = _config(arch)
     # A wider init spreads the logits so float32 rounding never decides a greedy tie.

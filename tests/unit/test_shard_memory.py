@@ -132,6 +132,7 @@ def test_step_buffers_are_recycled_not_faulted_in_again() -> None:
     )
     control = "assert recycle_step_buffers(mmap_threshold=4 << 20)"
     faulted_when_mapped = int(_in_fresh_process(code.format(setup=control)))
-    faulted_when_recycled = int(_in_fresh_process(code.format(setup="assert recycle_step_buffers()")))
+    recycled = code.format(setup="assert recycle_step_buffers()")
+    faulted_when_recycled = int(_in_fresh_process(recycled))
     assert faulted_when_mapped >= 8 * 2048, "control: mapped buffers fault in every page"
     assert faulted_when_recycled < 1000

@@ -1,4 +1,4 @@
-"""gRPC code generated from proto/generate.proto: built by `make` (and on first import if missing)."""
+"""gRPC code generated from proto/generate.proto: built by `make`, or on first import if missing."""
 
 from __future__ import annotations
 

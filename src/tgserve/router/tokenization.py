@@ -101,8 +101,8 @@ def load(path: str, validation_workers: int = 2) -> RouterTokenizer:
 def load_hf_tokenizer(path: str) -> Any:
     """The tokenizer AutoTokenizer would build, without AutoTokenizer's import of torch.
 
-    AutoTokenizer goes through transformers' config classes, which import torch: ~200 MB of
-    resident memory in a process that never runs a tensor. The class named by the folder's
+    AutoTokenizer goes through transformers' config classes, which import torch: resident
+    memory in a process that never runs a tensor. The class named by the folder's
     tokenizer_config.json is the one AutoTokenizer would pick; only when that name is missing or
     unknown does AutoTokenizer itself decide.
     """

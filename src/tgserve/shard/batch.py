@@ -1,4 +1,4 @@
-"""Live batch state on the shard: per-request token history and slots, with filter and concatenate."""
+"""Live batch state on the shard: per-request token history and slots; filter and concatenate."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ class Batch:
         return table.to(device)
 
     def filter(self, request_ids: list[int]) -> Batch:
-        """Keep only `request_ids` (unknown ids are ignored: they finished on this shard already)."""
+        """Keep only `request_ids` (unknown ids are ignored: they finished on this shard)."""
         keep = [self._index[i] for i in request_ids if i in self._index]
         if keep == list(range(len(self.requests))):
             return self
@@ -83,6 +83,7 @@ class Batch:
             return batches[0]
         requests = [r for b in batches for r in b.requests]
         width = max(b.slot_table.shape[1] for b in batches)
-        tables = [torch.nn.functional.pad(b.slot_table, (0, width - b.slot_table.shape[1])) for b in batches]
+        tables = [torch.nn.functional.pad(b.slot_table, (0, width - b.slot_table.shape[1]))
+                  for b in batches]
         chooser = NextTokenChooser.concatenate([b.chooser for b in batches])
         return cls(batches[0].id, requests, chooser, torch.cat(tables, dim=0))

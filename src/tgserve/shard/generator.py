@@ -1,4 +1,4 @@
-"""The shard's engine: owns the model, the KV cache and the live batches; runs prefill and decode steps."""
+"""The shard's engine: holds the model, the KV cache and the live batches; runs the steps."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from tgserve.memory import release_free_memory
 from tgserve.shard.batch import Batch, RequestState
 from tgserve.shard.detokenize import IncrementalDetokenizer
 from tgserve.shard.generation import GeneratedText, Generation, StepTimings, Tokens
 from tgserve.shard.kv_cache import KVCache
-from tgserve.memory import release_free_memory
 from tgserve.shard.models.base import CausalLM
 from tgserve.shard.runner import ForwardInputs, prepare_decode, prepare_forward
 from tgserve.shard.sampling.chooser import NextTokenChooser
@@ -72,7 +72,7 @@ class Generator:
     def __init__(
         self,
         model: CausalLM,
-        tokenizer,  # type: ignore[no-untyped-def]
+        tokenizer,
         eos_token_ids: frozenset[int],
         block_size: int = 16,
         release_finished_kv: bool = False,
@@ -137,7 +137,8 @@ class Generator:
         generations, next_batch, timings = ahead.take()
         wanted = set(request_ids)
         if next_batch is not None:
-            next_batch = next_batch.filter(request_ids) if wanted & set(next_batch.request_ids) else None
+            kept = wanted & set(next_batch.request_ids)
+            next_batch = next_batch.filter(request_ids) if kept else None
         ahead.result = ([g for g in generations if g.request_id in wanted], next_batch, timings)
         ahead.batch = ahead.batch.filter(request_ids)
         return ahead.batch
@@ -152,8 +153,9 @@ class Generator:
     def prefill(
         self, batch_id: int, new: list[NewRequest], running_id: int | None = None
     ) -> StepResult:
-        """Prefill new requests; with `running_id`, that batch's next tokens ride in the same forward
-        and the new requests join it (mixed prefill: no decode step waits behind a prefill)."""
+        """Prefill new requests; with `running_id`, that batch's next tokens ride in the same
+        forward and the new requests join it (mixed prefill: no decode step waits behind a
+        prefill)."""
         if running_id is not None and running_id in self.ahead:
             # Its next tokens are already computed: only the new prompts run.
             ahead = self.ahead.pop(running_id).take()
@@ -324,8 +326,9 @@ class Generator:
         live: list[int] = []
         for i, r in enumerate(batch.requests):
             generation = self._advance(r, next_ids[i], logprobs[i])
-            if prompt_tokens is not None and prompt_tokens[i] is not None:
-                generation.prefill_tokens, generation.prefill_top_tokens = prompt_tokens[i]
+            prompt = prompt_tokens[i] if prompt_tokens is not None else None
+            if prompt is not None:
+                generation.prefill_tokens, generation.prefill_top_tokens = prompt
             if tops is not None and r.top_n_tokens:
                 generation.top_tokens = [self._top_tokens(*tops[i])]
             generations.append(generation)
@@ -401,5 +404,6 @@ def warmup(
     total = max_total_tokens or min(capacity, max_position_embeddings)
     inputs = max_input_tokens or total - 1
     log.info("warmup: %d KV tokens (%s) in %d blocks, in %.2fs", capacity,
-             str(generator.kv_dtype).removeprefix("torch."), num_blocks, time.perf_counter() - start)
+             str(generator.kv_dtype).removeprefix("torch."), num_blocks,
+             time.perf_counter() - start)
     return WarmupResult(capacity, inputs, total)

@@ -1,4 +1,4 @@
-"""Physical paged KV cache: per layer, K and V tensors addressed by slot (block * block_size + offset)."""
+"""Physical paged KV cache: per layer, K and V addressed by slot (block * block_size + offset)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class KVCache:
         device: torch.device,
     ) -> KVCache:
         shape = (2, num_layers, num_blocks * block_size, num_kv_heads, head_dim)
-        # Zeros, not empty: padded reads of unwritten slots are masked out, and 0 * NaN would not be.
+        # Zeros, not empty: padded reads of unwritten slots are masked out; 0 * NaN would not be.
         buffer = None
         if device.type == "cpu":
             cache, buffer = _lazy_zeros(shape, dtype)
@@ -98,7 +98,9 @@ def _runs(sorted_slots: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, mmap.mmap | None]:
+def _lazy_zeros(
+    shape: tuple[int, ...], dtype: torch.dtype
+) -> tuple[torch.Tensor, mmap.mmap | None]:
     """Zeros in fresh anonymous memory: the kernel hands out zero pages on first touch, so the
     cache costs resident memory only for the blocks requests have written, not its full size."""
     size = math.prod(shape) * torch.finfo(dtype).bits // 8

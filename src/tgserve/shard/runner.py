@@ -1,4 +1,4 @@
-"""Turns batch state into model inputs: decode rows and varlen prefill tokens in one flat forward."""
+"""Turns batch state into model inputs: decode rows and varlen prefill tokens in one forward."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ class ForwardInputs:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
-    logit_rows: torch.Tensor | None  # rows of the flattened tokens whose logits are needed (None: all)
+    logit_rows: torch.Tensor | None  # rows of the flat tokens whose logits are needed (None: all)
     # Which returned logits rows feed sampling: every decode row, then each new prompt's last token.
     sample_rows: torch.Tensor | None = None
     # Per new request: (first, last) rows of the returned logits for prompt logprobs, if asked.

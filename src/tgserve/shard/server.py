@@ -47,7 +47,7 @@ def kv_budget(requested: int | None, device: torch.device, memory_fraction: floa
     return int(min(free * 0.3, 1.5 * 2**30))
 
 
-def eos_token_ids(path: Path, tokenizer, config) -> frozenset[int]:  # type: ignore[no-untyped-def]
+def eos_token_ids(path: Path, tokenizer, config) -> frozenset[int]:
     ids: set[int] = set()
     for source in (_generation_config_eos(path), getattr(config, "eos_token_id", None),
                    tokenizer.eos_token_id):
@@ -58,7 +58,7 @@ def eos_token_ids(path: Path, tokenizer, config) -> frozenset[int]:  # type: ign
     return frozenset(ids)
 
 
-def _generation_config_eos(path: Path):  # type: ignore[no-untyped-def]
+def _generation_config_eos(path: Path):
     try:
         return GenerationConfig.from_pretrained(str(path)).eos_token_id
     except OSError:

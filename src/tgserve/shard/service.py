@@ -40,7 +40,7 @@ class ShardSettings:
     decode_ahead_max_batch: int = 0
 
 
-def new_request(p: pb.Request, tokenizer) -> NewRequest:  # type: ignore[no-untyped-def]
+def new_request(p: pb.Request, tokenizer) -> NewRequest:
     ids = list(p.input_ids)
     if not ids:
         ids = tokenizer(p.inputs, add_special_tokens=p.add_special_tokens)["input_ids"]
@@ -70,7 +70,9 @@ def generation_pb(g: Generation) -> pb.Generation:
         gt = g.generated_text
         out.generated_text.CopyFrom(
             pb.GeneratedText(text=gt.text, generated_tokens=gt.generated_tokens,
-                             finish_reason=int(gt.finish_reason), seed=gt.seed)
+                             # the stubs type an enum field by its own NewType of int
+                             finish_reason=int(gt.finish_reason),  # type: ignore[arg-type]
+                             seed=gt.seed)
         )
     out.top_tokens.extend(_tokens_pb(t) for t in g.top_tokens)
     out.prefill_top_tokens.extend(_tokens_pb(t) for t in g.prefill_top_tokens)
@@ -118,7 +120,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         self._lock = asyncio.Lock()
         self._ahead_tasks: set[asyncio.Task[None]] = set()
 
-    async def _traced_step(  # type: ignore[no-untyped-def]
+    async def _traced_step(
         self, name: str, context, size: int, fn, *args
     ):
         """A step in a span that continues the router's trace (traceparent in the metadata)."""
@@ -139,7 +141,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         finally:
             span.end()
 
-    async def _run(  # type: ignore[no-untyped-def]
+    async def _run(
         self, context: grpc.aio.ServicerContext, fn, *args, in_thread: bool = False
     ):
         async with self._lock:
@@ -153,7 +155,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
                 log.exception("step failed")
                 await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
 
-    async def Info(self, request, context):  # type: ignore[no-untyped-def]
+    async def Info(self, request, context):
         s, g = self.settings, self.generator
         return pb.InfoResponse(
             requires_padding=False, dtype=s.dtype, device_type=g.device.type,
@@ -164,24 +166,24 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             mixed_prefill=True,
         )
 
-    async def ServiceDiscovery(self, request, context):  # type: ignore[no-untyped-def]
+    async def ServiceDiscovery(self, request, context):
         return pb.ServiceDiscoveryResponse(urls=list(self.settings.urls))
 
-    async def Health(self, request, context):  # type: ignore[no-untyped-def]
+    async def Health(self, request, context):
         torch.zeros(2, 2, device=self.generator.device).sum().item()
         return pb.HealthResponse()
 
-    async def ClearCache(self, request, context):  # type: ignore[no-untyped-def]
+    async def ClearCache(self, request, context):
         async with self._lock:
             self.generator.clear(request.id if request.HasField("id") else None)
         return pb.ClearCacheResponse()
 
-    async def FilterBatch(self, request, context):  # type: ignore[no-untyped-def]
+    async def FilterBatch(self, request, context):
         batch = await self._run(context, self.generator.filter, request.batch_id,
                                 list(request.request_ids))
         return pb.FilterBatchResponse(batch=cached_batch_pb(batch))
 
-    async def Warmup(self, request, context):  # type: ignore[no-untyped-def]
+    async def Warmup(self, request, context):
         s = self.settings
         reqs = [new_request(r, self.generator.tokenizer) for r in request.batch.requests]
         max_input = request.max_input_tokens if request.HasField("max_input_tokens") else None
@@ -192,7 +194,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
                                  max_input_tokens=result.max_input_tokens,
                                  max_total_tokens=result.max_total_tokens)
 
-    async def Prefill(self, request, context):  # type: ignore[no-untyped-def]
+    async def Prefill(self, request, context):
         # With a cached batch, its next tokens are computed in the same forward (mixed prefill).
         running = request.cached_batch.id if request.HasField("cached_batch") else None
         reqs = [new_request(r, self.generator.tokenizer) for r in request.batch.requests]
@@ -204,7 +206,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             trim_heap()
         return _step_response(pb.PrefillResponse, *self._owned(*result))
 
-    async def Decode(self, request, context):  # type: ignore[no-untyped-def]
+    async def Decode(self, request, context):
         ids = [b.id for b in request.batches]
         size = sum(len(b.request_ids) for b in request.batches)
         result = await self._traced_step("Decode", context, size, self.generator.decode, ids)
@@ -217,11 +219,12 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             trim_heap()
         return _step_response(pb.DecodeResponse, *self._owned(*result))
 
-    async def DecodeStream(self, request_iterator, context):  # type: ignore[no-untyped-def]
+    async def DecodeStream(self, request_iterator, context):
         """Decode steps over one stream the router keeps open, answered in order. A unary call
         costs the shard's thread more in gRPC's C code than a stream message
-        (docs/design/decode-stream.md), which at batch 1 is time the next step waits; an error ends the stream with
-        the status a unary Decode would have, and the router opens another."""
+        (docs/design/decode-stream.md), which at batch 1 is time the next step waits; an error
+        ends the stream with the status a unary Decode would have, and the router opens
+        another."""
         async for request in request_iterator:
             yield await self.Decode(request, context)
 
@@ -260,7 +263,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         return mine, batch, timings
 
 
-def _step_response(cls, generations: Sequence[Generation], batch: Batch | None,  # type: ignore[no-untyped-def]
+def _step_response(cls, generations: Sequence[Generation], batch: Batch | None,
                    timings: StepTimings):
     response = cls(
         generations=[generation_pb(g) for g in generations],

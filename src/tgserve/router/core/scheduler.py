@@ -77,9 +77,8 @@ def step_prefill_budget(
 
     The budget a backlog reached holds until the queue is empty (`backlog_budget`, the last step's):
     one that shrank with the queue admitted a burst's last prompts one a step, each step paying a
-    whole decode of the running batch as well. 64 prompts at once on 2 cores: their last 18 took
-    18 steps (6.7 s), and the finish times spread into a tail of ever smaller decode batches; with
-    the budget held they go in 9 steps, and the burst's prefill takes 15 s instead of 18.5.
+    whole decode of the running batch as well, and spread the finish times into a tail of ever
+    smaller decode batches (docs/design/mixed-prefill.md).
     """
     base = min(settings.max_step_prefill_tokens, settings.max_batch_prefill_tokens)
     if waiting_tokens <= 0:

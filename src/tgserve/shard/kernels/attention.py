@@ -20,8 +20,9 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """softmax(q·kᵀ·scale)·v over each row's cached context, read in place through the slot index.
 
-    q: [B, H, D] float32; k_cache/v_cache: [N, Hkv, D], both float32 or both float16; kv_index: [B, L] int64 slots, of which row b
-    uses the first lengths[b]; window > 0 keeps only each row's last `window` positions.
+    q: [B, H, D] float32; k_cache/v_cache: [N, Hkv, D], both float32 or both float16;
+    kv_index: [B, L] int64 slots, of which row b uses the first lengths[b]; window > 0 keeps
+    only each row's last `window` positions.
     Returns [B, H, D]; a row with length 0 gives zeros.
     """
     return library().paged_decode_attention(q, k_cache, v_cache, kv_index, lengths, scale, window)

@@ -36,12 +36,12 @@ _AVX512_CAPABILITIES = frozenset({"AVX512", "AVX512_AMX"})
 
 
 def available() -> bool:
-    """True when the kernels are built and loaded; the first call may build them (tens of seconds)."""
+    """True when the kernels are built and loaded; the first call may build them (slow)."""
     return _load() is not None
 
 
 def compile_flags(capability: str) -> list[str]:
-    """-march=native would tie the cached binary to the build host; AVX2+FMA only where supported."""
+    """-march=native would tie the cached binary to the build host: AVX2+FMA where supported."""
     flags = ["-O3", "-fopenmp"]
     if capability in _AVX2_CAPABILITIES:  # F16C: every AVX2 CPU has it (float16 KV cache rows)
         flags += ["-mavx2", "-mfma", "-mf16c"]
@@ -168,7 +168,7 @@ def _missing_tool(compiler: str) -> str | None:
 
 
 def _expose_venv_ninja() -> None:
-    """A venv's bin is on PATH only while the venv is activated, which a spawned shard may not be."""
+    """A venv's bin is on PATH only while the venv is active, which a spawned shard may not be."""
     venv_bin = Path(sys.executable).parent
     if shutil.which("ninja") is None and (venv_bin / "ninja").exists():
         os.environ["PATH"] = f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"

@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tgserve.shard.kernels import attention, decode_layer, fused, greedy as greedy_kernel, linear
-from tgserve.shard.kernels import torch_ops
+from tgserve.shard.kernels import attention, decode_layer, fused, linear, torch_ops
+from tgserve.shard.kernels import greedy as greedy_kernel
 
 if TYPE_CHECKING:
     from tgserve.shard.layers.attention.metadata import AttentionMetadata, PrefillSequence
@@ -156,8 +156,9 @@ def _own_kernel_sequences(
 ) -> list[PrefillSequence]:
     """The prompts the C++ prefill kernel takes: no cached prefix, short enough, float32 on CPU.
 
-    It runs short prompts 2-3x faster than torch's flash kernel (prefill_attention.cpp); prompts
-    that continue a cached prefix read their K/V back from the cache and stay on the torch path.
+    It is faster than torch's flash kernel on short prompts (docs/design/prefill-attention.md);
+    prompts that continue a cached prefix read their K/V back from the cache and stay on the torch
+    path.
     """
     if not fits(q, k, v):
         return []

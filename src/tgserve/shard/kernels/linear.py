@@ -8,7 +8,7 @@ from tgserve.shard.kernels.build import library
 
 
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] float32 -> [ceil(N / P), K, P] panels of P output columns (P: linear_panel_width())."""
+    """[N, K] float32 -> [ceil(N / P), K, P] panels of P output columns (linear_panel_width())."""
     return library().pack_linear_weight(weight)
 
 

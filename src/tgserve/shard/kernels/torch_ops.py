@@ -98,8 +98,8 @@ def prefill_attention(
             # [Hkv, c+n, D], in q's dtype whatever the cache's (--kv-cache-dtype)
             ks = k_cache.index_select(0, seq.kv_slots).to(q.dtype).transpose(0, 1)
             vs = v_cache.index_select(0, seq.kv_slots).to(q.dtype).transpose(0, 1)
-        # Batched 4-d inputs with the kv heads repeated: torch's CPU flash kernel takes those
-        # (about 3x faster than the math path that enable_gqa or 3-d inputs fall back to).
+        # Batched 4-d inputs with the kv heads repeated: torch's CPU flash kernel takes those,
+        # where enable_gqa or 3-d inputs fall back to the much slower math path.
         group = qs.shape[0] // ks.shape[0]
         if group > 1:
             ks, vs = ks.repeat_interleave(group, dim=0), vs.repeat_interleave(group, dim=0)

@@ -1,4 +1,4 @@
-"""Dense linear layers split across tensor-parallel ranks (column: outputs, row: inputs + all-reduce)."""
+"""Dense linears split across tensor-parallel ranks (column: outputs, row: inputs + all-reduce)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if name == "silu":
         return F.silu
     # Reuse transformers' definitions so exotic activations match the reference bit for bit. Only
-    # here: the module brings torch.distributed.tensor and sympy, ~45 MB of resident memory.
+    # here: the module brings torch.distributed.tensor and sympy, which would stay resident.
     from transformers.activations import ACT2FN
 
     return ACT2FN[name]

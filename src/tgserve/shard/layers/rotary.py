@@ -1,4 +1,4 @@
-"""Rotary position embeddings: inverse frequencies from the config (any HF rope type), cos/sin per forward."""
+"""Rotary position embeddings: frequencies from the config (any HF rope type), cos/sin a forward."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ class RotaryEmbedding:
     scaling: float
 
     @classmethod
-    def from_config(cls, config: PretrainedConfig, head_dim: int, device: torch.device) -> RotaryEmbedding:
+    def from_config(
+        cls, config: PretrainedConfig, head_dim: int, device: torch.device
+    ) -> RotaryEmbedding:
         params = _rope_parameters(config)
         rope_type = params["rope_type"]
         if rope_type == "default":
@@ -35,8 +37,10 @@ class RotaryEmbedding:
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, device)
         return cls(inv_freq.float().to(device), float(scaling))
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin: [T, 1, D] for positions [T]; computed once per forward, shared by all layers."""
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [T, 1, D] for positions [T]; computed once a forward, shared by all layers."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.scaling).to(dtype)

@@ -30,7 +30,8 @@ def resolve_dtype(name: str | None, config: PretrainedConfig, device: torch.devi
             raise ValueError(f"unsupported dtype {name!r}; choose one of {', '.join(DTYPES)}")
         return DTYPES[name]
     if device.type == "cpu":
-        # Half precision matmuls are slow on CPUs without AMX/AVX-512-BF16; float32 is the fast path.
+        # Half precision matmuls are slow on CPUs without AMX/AVX-512-BF16: float32 is the fast
+        # path.
         return torch.float32
     configured = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     return configured if isinstance(configured, torch.dtype) else torch.float16

@@ -55,7 +55,8 @@ class Weights:
                 with safe_open(str(path), framework="pt") as f:
                     for name in f.keys():
                         if name in self._routing:
-                            raise WeightsError(f"tensor {name} is in both {self._routing[name]} and {path}")
+                            raise WeightsError(
+                                f"tensor {name} is in both {self._routing[name]} and {path}")
                         self._routing[name] = path
 
     def close(self) -> None:
@@ -69,12 +70,12 @@ class Weights:
     def has(self, name: str) -> bool:
         return name in (self._tensors if self._tensors is not None else self._routing)
 
-    def _handle(self, path: Path):  # type: ignore[no-untyped-def]
+    def _handle(self, path: Path):
         if path not in self._handles:
             self._handles[path] = safe_open(str(path), framework="pt")
         return self._handles[path]
 
-    def _slice(self, name: str):  # type: ignore[no-untyped-def]
+    def _slice(self, name: str):
         if self._tensors is not None:
             if name not in self._tensors:
                 raise WeightsError(f"weight {name} does not exist")

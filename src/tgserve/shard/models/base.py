@@ -1,4 +1,4 @@
-"""What every architecture exposes to the generator: dimensions, a forward, logits at chosen rows."""
+"""What every architecture shows the generator: dimensions, a forward, logits at chosen rows."""
 
 from __future__ import annotations
 
@@ -92,6 +92,6 @@ class CausalLM(ABC):
         meta: AttentionMetadata,
         logit_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [R, V] in float32 for the rows `logit_rows` of the flattened tokens (all if None)."""
+        """Logits [R, V] in float32 for the rows `logit_rows` of the flat tokens (all if None)."""
         hidden = self.hidden_states(input_ids, positions, kv_cache, meta, logit_rows)
         return self.lm_head(hidden).float()

@@ -6,17 +6,17 @@
 // what the ones before left (truncation leaves an exact remainder), so x·w is the sum of nine
 // piece products, each exact in the float32 accumulators. The six down to 2^-16 of x·w are kept
 // (hi·hi, hi·mid, mid·hi, hi·lo, mid·mid, lo·hi); the three dropped are below 2^-24, float32's own
-// rounding: against float64 the result is as close as the AVX-512 float32 kernel's (576 x 3072,
-// 192 rows: max error 2.1e-6 on sums up to 5.4, the same as float32's), at up to 16/6 of its
-// speed. Fewer pieces (bf16x3, 2^-16) are PyTorch's "high" float32 precision; tgserve keeps
-// "highest", so greedy tokens and log-probabilities match transformers as before.
+// rounding, so against float64 the result is as close as the AVX-512 float32 kernel's, at up to
+// 16/6 of its speed (docs/design/amx-linear.md). Fewer pieces (bf16x3, 2^-16) are PyTorch's "high"
+// float32 precision; tgserve keeps "highest", so greedy tokens and log-probabilities match
+// transformers as before.
 //
 // Layout: x is cut into tiles of 16 rows x 32 k per piece, [row tile][k block][piece][16][32],
 // once per call. W's panels ([K][16] floats, packed_linear.cpp) are cut per pair of panels into
 // VNNI tiles, [k block][piece][16 pairs of k][16 columns][2], by the thread that multiplies
 // every row tile of the chunk by them, from L2, and converts the next pair in between (the
-// vector units and the memory stream then work while the tile unit multiplies: 30 layers of the
-// default model's linears, 256 rows, 149 -> 133 ms). A 32 x 32 block of y is four accumulator
+// vector units and the memory stream then work while the tile unit multiplies; see
+// docs/design/amx-linear.md). A 32 x 32 block of y is four accumulator
 // tiles; per k block each A piece is loaded once and met by the B pieces its terms need (18 tile
 // loads for 24 multiplies, not 24 for 24).
 
@@ -39,9 +39,9 @@
 namespace {
 
 constexpr int kPieces = 3;
-constexpr int64_t kPanel = 16;       // packed_linear.cpp's AVX-512 panel width
-constexpr int64_t kBlockK = 32;      // k per tile: 16 rows of 64 bytes, pairs of bfloat16
-constexpr int64_t kTile = 16 * 32;   // bfloat16 per tile
+constexpr int64_t kPanel = 16;      // packed_linear.cpp's AVX-512 panel width
+constexpr int64_t kBlockK = 32;     // k per tile: 16 rows of 64 bytes, pairs of bfloat16
+constexpr int64_t kTile = 16 * 32;  // bfloat16 per tile
 // Rows of x per chunk: its pieces (rows x K x 3 x 2 bytes) stay in L2 under every panel pair.
 constexpr int64_t kChunkBytes = 1 << 20;
 constexpr int64_t kCutAhead = 1024;
@@ -125,8 +125,8 @@ void cut_x_tile(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t r0, i
 // Block b (32 k) of one fp32 panel [K][16] (zero past k) into VNNI tiles [piece][16 k pairs][16
 // columns x 2]: word j of pair row r holds column j's weights at k = 2r (low half), 2r + 1 (high).
 // The panel is read from memory once per call: a prefetch kCutAhead bytes on keeps more of its
-// lines in flight than the hardware's own stream did (one thread converting 256 MB with tile
-// multiplies interleaved: 42 -> 27 ms; 1 KiB ahead into L1 measured best in the kernel).
+// lines in flight than the hardware's own stream did (1 KiB ahead into L1 measured best:
+// docs/design/amx-linear.md).
 void cut_panel_block(const float* panel, int64_t k, int64_t b, uint16_t* out) {
   for (int64_t r = 0; r < 16; ++r) {
     const int64_t t = b * kBlockK + 2 * r;
@@ -302,7 +302,9 @@ bool amx_linear(const float* x, int64_t ldx, int64_t m, int64_t k, const float* 
 
 namespace tgserve_kernels {
 
-bool amx_available() { return false; }
+bool amx_available() {
+  return false;
+}
 
 bool amx_linear(const float*, int64_t, int64_t, int64_t, const float*, int64_t, const float*,
                 float*) {

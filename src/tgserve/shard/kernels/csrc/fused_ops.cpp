@@ -50,7 +50,8 @@ namespace tgserve_kernels {
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_rows(x, "x");
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous() &&
-                  weight.scalar_type() == at::kFloat, "weight must be [hidden] float32");
+                  weight.scalar_type() == at::kFloat,
+              "weight must be [hidden] float32");
   const int64_t t = x.size(0), n = x.size(1), xs = x.stride(0);
   at::Tensor y = at::empty({t, n}, x.options());
   const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
@@ -68,7 +69,8 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
   check_rows(residual, "residual");
   TORCH_CHECK(x.sizes() == residual.sizes(), "x and residual shapes differ");
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous() &&
-                  weight.scalar_type() == at::kFloat, "weight must be [hidden] float32");
+                  weight.scalar_type() == at::kFloat,
+              "weight must be [hidden] float32");
   const int64_t t = x.size(0), n = x.size(1), xs = x.stride(0), rs = residual.stride(0);
   at::Tensor sum = at::empty({t, n}, x.options());
   at::Tensor y = at::empty({t, n}, x.options());
@@ -132,7 +134,8 @@ void rotary_store_kv(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& s
   TORCH_CHECK(dim % 2 == 0, "head_dim must be even");
   for (const at::Tensor* c : {&cos, &sin}) {
     TORCH_CHECK(c->dim() == 2 && c->size(0) == t && c->size(1) == dim && c->is_contiguous() &&
-                    c->scalar_type() == at::kFloat, "cos/sin must be contiguous [T, D] float32");
+                    c->scalar_type() == at::kFloat,
+                "cos/sin must be contiguous [T, D] float32");
   }
   const bool half = k_cache.scalar_type() == at::kHalf;
   for (const at::Tensor* c : {&k_cache, &v_cache}) {
@@ -142,7 +145,8 @@ void rotary_store_kv(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& s
                 "caches must be contiguous [N, Hkv, D], both float32 or both float16");
   }
   TORCH_CHECK(slots.dim() == 1 && slots.size(0) == t && slots.scalar_type() == at::kLong &&
-                  slots.is_contiguous(), "slots must be [T] int64");
+                  slots.is_contiguous(),
+              "slots must be [T] int64");
   const int64_t num_slots = k_cache.size(0), row = kv_heads * dim, qs = qkv.stride(0);
   const int64_t* sp = slots.data_ptr<int64_t>();
   for (int64_t i = 0; i < t; ++i)

@@ -1,9 +1,9 @@
 // Greedy choice over a batch of logits: each row's argmax and its log-probability, in two passes
 // over the row and without the [B, V] log_softmax that a greedy row never reads.
 //
-// torch's argmax, log_softmax and gather cost ~7 ms a decode step at batch 64 (V = 49152); this
-// is ~0.5 ms. The results are torch's: the first index of the maximum (a NaN counts as the
-// maximum, as in torch.argmax), and logprob = -log(sum(exp(x - max))), which is what
+// torch's argmax, log_softmax and gather each pass over [B, V] and write a whole log_softmax
+// (docs/design/greedy-op.md). The results are torch's: the first index of the maximum (a NaN counts
+// as the maximum, as in torch.argmax), and logprob = -log(sum(exp(x - max))), which is what
 // log_softmax(x)[argmax] computes (x[argmax] - max is exactly 0).
 
 #include <ATen/Parallel.h>
@@ -93,8 +93,8 @@ std::tuple<at::Tensor, at::Tensor> greedy_choice(const at::Tensor& scores_in) {
       ip[r] = best;
       const float top = x[best];
       // A maximum of ±inf makes x - max NaN at the maximum, in log_softmax as here.
-      lp[r] = std::isinf(top) ? std::numeric_limits<float>::quiet_NaN()
-                              : -std::log(sum_exp(x, v, top));
+      lp[r] =
+          std::isinf(top) ? std::numeric_limits<float>::quiet_NaN() : -std::log(sum_exp(x, v, top));
     }
   });
   return {ids, logprobs};
@@ -106,4 +106,6 @@ TORCH_LIBRARY_FRAGMENT(tgserve_cpu, m) {
   m.def("greedy_choice(Tensor scores) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(tgserve_cpu, CPU, m) { m.impl("greedy_choice", &greedy_choice); }
+TORCH_LIBRARY_IMPL(tgserve_cpu, CPU, m) {
+  m.impl("greedy_choice", &greedy_choice);
+}

@@ -10,18 +10,15 @@
 // With AVX-512 a panel is one vector wide and a tile up to 28 rows tall (28 accumulators of the
 // 32 registers): a decode batch of 16-28 rows then meets each weight once, as it streams in from
 // memory. Two vectors by 12 rows, the shape before, split 16 rows into two passes over every
-// panel, the first stalled on memory and the second on FMAs (16 x 576 x 1536 with the weights
-// coming from DRAM: 70-98 GFLOP/s then, 123-140 now).
+// panel, the first stalled on memory and the second on FMAs (docs/design/packed-linear.md).
 // AVX2 has 16 registers: panels of two vectors by up to 6 rows.
 //
 // From kWideMinRows rows up (a prefill), where each weight is re-read from L2 by many tiles and
 // the FMAs, not the weight stream, set the pace, AVX-512 tiles are 14 rows by two panels: per k
 // one broadcast of x feeds two FMAs, 16 loads for 28 FMAs instead of 29, which left the load
-// ports, not the FMA units, the bottleneck (576 x 3072 at 512-2048 rows, weights in cache:
-// 207-230 GFLOP/s with 28 x 1, against 270-290 for MKL's sgemm on the same machine).
+// ports, not the FMA units, the bottleneck.
 // A decode batch of 2-14 rows is one such tile, so it still meets each weight once, with fewer
-// loads per FMA: whole batch-8 and batch-12 decode steps took 15 % less time (39.2 -> 33.4 and
-// 45.1 -> 37.8 ms; 5-7 % at 2 and 4 rows) on an Intel Xeon. One row keeps its single stream.
+// loads per FMA. One row keeps its single stream (measured: docs/design/packed-linear.md).
 //
 // From kAmxMinRows rows up, on a CPU with AMX tiles, amx_linear.cpp multiplies the same panels
 // instead, to float32 accuracy.
@@ -36,11 +33,8 @@
 // A block of panels that several tiles share (30-192 rows) streams from memory during its first
 // tile only; the others re-read it from L2 while memory idles, so each first tile then waited on a
 // whole block. Every tile therefore also asks for its share of a block further on into L2: the
-// memory stream runs under all the arithmetic. Intel Xeon, 30 layers of the default model's
-// linears with the weights in DRAM, alternating in one process: 64 rows 53.9 -> 48.0 ms, 32 rows
-// 33.3 -> 28.9, 256 rows 187 -> 170; a whole decode step at 64 rows 86.7 -> 79.8 ms, at 32 rows
-// 49.8 -> 44.7. A single tile (up to 28 rows) streams its own block, where the extra stream only
-// slowed it (8 rows: 21.5 -> 24.4 ms).
+// memory stream runs under all the arithmetic. A single tile (up to 28 rows) streams its own
+// block, where the extra stream only slowed it (docs/design/packed-linear-prefetch.md).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -65,13 +59,13 @@ using tgserve_simd::load;
 using tgserve_simd::store;
 using vec = tgserve_simd::vec;
 #if defined(__AVX512F__)
-constexpr int kVecs = 1;    // vectors per panel
-constexpr int kMaxMR = 28;  // 28 accumulators + the weight vector of the 32 registers
+constexpr int kVecs = 1;     // vectors per panel
+constexpr int kMaxMR = 28;   // 28 accumulators + the weight vector of the 32 registers
 constexpr int kWideMR = 14;  // two panels: 28 accumulators + 2 weight vectors + 1 broadcast
 constexpr int64_t kWideMinRows = 29;
 #else
 constexpr int kVecs = 2;
-constexpr int kMaxMR = 6;  // 12 accumulators + 2 weight vectors + 1 broadcast of the 16
+constexpr int kMaxMR = 6;   // 12 accumulators + 2 weight vectors + 1 broadcast of the 16
 constexpr int kWideMR = 0;  // panels are two vectors wide already
 constexpr int64_t kWideMinRows = INT64_MAX;
 #endif
@@ -81,19 +75,16 @@ constexpr int64_t kChunk = 192;
 // Prefetch distance in the panel stream, in k steps: about 6 KiB ahead.
 constexpr int64_t kAhead = 6144 / (kPanel * 4);
 // A single tile (one decode row up to 28) also asks for the panel 12 KiB ahead into L2: more of
-// the stream in flight than L1's prefetches alone hold. Intel Xeon, 30 layers of the default
-// model's linears from memory, alternating in one process: 1 row 19.5 -> 17.7 ms, 16 rows
-// 28.2 -> 27.3 (8 rows, the two-panel tile, unchanged).
+// the stream in flight than L1's prefetches alone hold (docs/design/packed-linear-prefetch.md).
 constexpr int64_t kFarAhead = 12288 / (kPanel * 4);
 // How far ahead, in blocks of panels, the tiles that re-read a block from L2 ask for the weights
-// into L2 (see run()): two blocks on measured better than one, three or four (Intel Xeon, 30
-// layers of the default model's linears from DRAM, 64 rows: 53.9 ms, 50.3 at one, 48.0 at two).
+// into L2 (see run()): two blocks on measured better than one, three or four
+// (docs/design/packed-linear-prefetch.md).
 constexpr int64_t kPrefetchBlocks = 2;
 // From this many rows up (a prefill, a mixed step) the AMX kernel takes over where the CPU has
 // tiles (amx_linear.cpp): each pair of 16-column panels is converted to bfloat16 pieces once and
-// met by many rows. Intel Xeon, 30 layers of the default model's linears, alternating in one
-// process: 256 rows 191 -> 133 ms, 96 rows 71 -> 61; 64 rows even (50 -> 47), 48 rows behind
-// (41 -> 46): a few rows leave the conversion, which streams W from memory, too little to hide.
+// met by many rows. Below it the conversion, which streams W from memory, has too few rows to
+// hide behind (docs/design/amx-linear.md).
 constexpr int64_t kAmxMinRows = 80;
 
 struct Problem {
@@ -272,7 +263,8 @@ void run(const Problem& p, const std::vector<std::vector<Tile>>& chunks, bool wi
         // Only the first chunk's weights come from memory; a single tile streams its own block.
         const int64_t ahead_panel = panel + kPrefetchBlocks * step;
         const int64_t ahead_span = task < groups && tiles.size() > 1 && ahead_panel < panels
-            ? std::min(step, panels - ahead_panel) * p.k * kPanel * 4 : 0;
+                                       ? std::min(step, panels - ahead_panel) * p.k * kPanel * 4
+                                       : 0;
         const int64_t share = ahead_span / static_cast<int64_t>(tiles.size());
         const char* ahead_base =
             share > 0 ? reinterpret_cast<const char*>(p.w + ahead_panel * p.k * kPanel) : nullptr;
@@ -294,9 +286,13 @@ void run(const Problem& p, const std::vector<std::vector<Tile>>& chunks, bool wi
 // The operations themselves, also called directly by decode_layer.cpp (kernels.h).
 namespace tgserve_kernels {
 
-int64_t panel_width() { return kPanel; }
+int64_t panel_width() {
+  return kPanel;
+}
 
-int64_t amx_min_rows() { return amx_available() ? kAmxMinRows : 0; }
+int64_t amx_min_rows() {
+  return amx_available() ? kAmxMinRows : 0;
+}
 
 // [N, K] -> [ceil(N / kPanel), K, kPanel], zero-padded past N.
 at::Tensor pack_linear_weight(const at::Tensor& weight) {
@@ -354,8 +350,13 @@ at::Tensor packed_linear(const at::Tensor& x_in, const at::Tensor& packed, int64
     pack_x(xt, x.stride(0), k, chunks, tiles.data_ptr<float>());
     xt = tiles.data_ptr<float>();
   }
-  const Problem p{xt, packed.data_ptr<float>(), b.has_value() ? b->data_ptr<float>() : nullptr,
-                  y.data_ptr<float>(), m, n, k};
+  const Problem p{xt,
+                  packed.data_ptr<float>(),
+                  b.has_value() ? b->data_ptr<float>() : nullptr,
+                  y.data_ptr<float>(),
+                  m,
+                  n,
+                  k};
   run(p, chunks, wide);
   return y;
 }

@@ -7,17 +7,16 @@
 // computed, the running max moves once per block and the accumulator is rescaled once per block,
 // which keeps it stable without a second pass over K. Scores are computed kLanes positions at a
 // time (dots()), so that the horizontal sums of a dot product each are one shared reduction tree,
-// and a kv head's query heads are taken together, so that each K or V vector loaded serves them all.
+// and a kv head's query heads are taken together, so that each K or V vector loaded serves them
+// all.
 //
 // From DRAM (a decode batch's cache is far larger than L3) the reads must overlap the arithmetic.
 // Software prefetches that name L1 (prefetcht0) each hold one of the core's few L1 miss buffers
-// until their line arrives, so a stream of them stalls the loads the arithmetic needs: on a Zen 4
-// EPYC the kernel then read 11-12 GB/s from DRAM and took twice its time with K and V in L3. The
+// until their line arrives, so a stream of them stalls the loads the arithmetic needs. The
 // stream ahead is therefore prefetched into L2 (prefetcht1), K kFar positions on and V as its
 // block is scored, only the next few K rows into L1, and the prefetches of a run of positions are
-// spread between its kv heads' arithmetic instead of issued in one burst. Together with the shared
-// loads: 0.60 ms a layer against 1.15 at 64 rows of 260 positions (float16, 3 kv heads of 64).
-// Hints made no difference on an Intel Xeon.
+// spread between its kv heads' arithmetic instead of issued in one burst
+// (docs/design/decode-attention.md).
 //
 // The cache may be float16 (--kv-cache-dtype float16): its rows are widened to float as they are
 // loaded and all arithmetic stays float32, so only the stored K and V are rounded, and the bytes
@@ -26,9 +25,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
-#include <torch/library.h>
-
 #include <omp.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -42,8 +40,8 @@ namespace {
 
 // Positions per rescale: enough to amortise it, few enough that the block's V rows stay in L2.
 constexpr int64_t kBlock = 64;
-// How many positions ahead K rows are prefetched into L2 (16-40 measured alike on Zen 4), and into
-// L1 from there.
+// How many positions ahead K rows are prefetched into L2 (nearby distances measured alike), and
+// into L1 from there.
 constexpr int64_t kFar = 24;
 constexpr int64_t kNear = 4;
 
@@ -110,8 +108,9 @@ struct Scratch {
 constexpr int kMaxGroup = 3;
 
 // out[g][i] = q[g] · rows[i][0:d] for kLanes rows and G query heads. Each (head, row) product is
-// summed along d in one vector, kPass rows at a time, and each head's kLanes vectors are then reduced
-// together (transpose_sum): a horizontal sum per score made scoring three quarters of the kernel.
+// summed along d in one vector, kPass rows at a time, and each head's kLanes vectors are then
+// reduced together (transpose_sum): a horizontal sum per score made scoring three quarters of the
+// kernel.
 template <int G, typename T>
 inline void dots(const float* const* q, const T* const* rows, int64_t d, float* const* out) {
   constexpr int64_t kPass = kLanes / 2;  // G * kPass accumulators + G query vectors in registers
@@ -189,7 +188,7 @@ template <typename T>
 void softmax_block(const Task<T>& t, Scratch<T>& s, int64_t n) {
   for (int64_t h = 0; h < t.heads(); ++h) {
     float* sc = &s.scores[h * kBlock];
-    // A vector max: std::max_element's scalar loop was ~6 % of the kernel.
+    // A vector max: std::max_element's scalar loop showed up in the kernel's profile.
     int64_t j = 0;
     vf top = tgserve_simd::splat(s.max[h]);
     for (; j + kLanes <= n; j += kLanes) {
@@ -241,7 +240,8 @@ inline void weighted_heads(const float* const* w, const T* const* rows, int64_t 
                            float* const* out) {
   constexpr int64_t kWide = kLanes == 16 ? 4 : 2;
   int64_t c = 0;
-  for (; c + kWide * kLanes <= dim; c += kWide * kLanes) weighted_rows<G, kWide>(w, rows, n, c, out);
+  for (; c + kWide * kLanes <= dim; c += kWide * kLanes)
+    weighted_rows<G, kWide>(w, rows, n, c, out);
   for (; c + kLanes <= dim; c += kLanes) weighted_rows<G, 1>(w, rows, n, c, out);
   for (; c < dim; ++c)
     for (int g = 0; g < G; ++g)
@@ -341,10 +341,22 @@ bool attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const int64_t b = task / tasks_per_row, h = (task % tasks_per_row) * per_task;
       const int64_t begin = window > 0 ? std::max<int64_t>(0, len[b] - window) : 0;
       const int64_t head0 = (b * heads + h * group) * dim;  // first query head of kv head h
-      const Task<T> t{qp + head0, static_cast<float>(scale), kp + h * k.stride(1),
-                      vp + h * v.stride(1), k.stride(0), v.stride(0), k.stride(1), v.stride(1),
-                      idx + b * idx_stride, begin,
-                      len[b], k.size(0), per_task, group, dim, op + head0};
+      const Task<T> t{qp + head0,
+                      static_cast<float>(scale),
+                      kp + h * k.stride(1),
+                      vp + h * v.stride(1),
+                      k.stride(0),
+                      v.stride(0),
+                      k.stride(1),
+                      v.stride(1),
+                      idx + b * idx_stride,
+                      begin,
+                      len[b],
+                      k.size(0),
+                      per_task,
+                      group,
+                      dim,
+                      op + head0};
       if (!attend(t, scratch)) bad_slot = true;
     }
   }
@@ -369,8 +381,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k, c
     TORCH_CHECK(len[b] >= 0 && len[b] <= max_len, "lengths[", b, "]=", len[b], " outside [0, L]");
   at::Tensor out = at::empty({batch, q.size(1), q.size(2)}, q.options());
   const bool in_range = k.scalar_type() == at::kHalf
-      ? attend_all<c10::Half>(q, k, v, kv_index, len, scale, window, out)
-      : attend_all<float>(q, k, v, kv_index, len, scale, window, out);
+                            ? attend_all<c10::Half>(q, k, v, kv_index, len, scale, window, out)
+                            : attend_all<float>(q, k, v, kv_index, len, scale, window, out);
   TORCH_CHECK(in_range, "kv_index holds a slot outside [0, ", k.size(0), ")");
   return out;
 }

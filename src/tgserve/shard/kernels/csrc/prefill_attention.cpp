@@ -1,8 +1,8 @@
 // Causal attention of new prompts over their own tokens (no cached prefix), every sequence of a
 // prefill in one op, straight from the rows of the fused QKV projection.
 //
-// torch's CPU flash kernel, the path before, ran short prompts at 40-80 GFLOP/s (0.9-1.1 ms a
-// layer for a 175-token prompt with 9 query heads of 64 on a Zen 4 EPYC): it wants the kv heads
+// torch's CPU flash kernel, the path before, ran short prompts far below the FMA peak
+// (docs/design/prefill-attention.md): it wants the kv heads
 // repeated for every query head, its blocks are sized for long sequences, and it is called once
 // per sequence per layer from Python. Here the work is cut into tiles of kRows query vectors of
 // one kv head's group: a tile's positions are consecutive, and its query heads share every K and
@@ -216,9 +216,8 @@ void attend_all(const Inputs& in, const std::vector<Sequence>& seqs, float* kt) 
         tiles.push_back({i, h, u0, std::min(kRows, seqs[i].length * group - u0)});
   // Later positions see more keys: hand out the costliest tiles first, then whoever is free
   // takes the next one, so both threads end together.
-  std::stable_sort(tiles.begin(), tiles.end(), [](const Tile& a, const Tile& b) {
-    return a.u0 > b.u0;
-  });
+  std::stable_sort(tiles.begin(), tiles.end(),
+                   [](const Tile& a, const Tile& b) { return a.u0 > b.u0; });
   std::atomic<int64_t> next{0};
   const int64_t count = static_cast<int64_t>(tiles.size());
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), count), 1, [&](int64_t, int64_t) {
@@ -244,7 +243,9 @@ void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t hea
 namespace tgserve_kernels {
 
 // (longest sequence, what the head dim must be a multiple of)
-std::tuple<int64_t, int64_t> prefill_attention_limits() { return {kMaxKeys, kVecs * kLanes}; }
+std::tuple<int64_t, int64_t> prefill_attention_limits() {
+  return {kMaxKeys, kVecs * kLanes};
+}
 
 // out[rows of sequence i] = causal attention of q over k, v within starts[i] .. + lengths[i].
 void prefill_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
@@ -279,9 +280,19 @@ void prefill_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k
   if (seqs.empty()) return;
   // Every float of it is written by transpose_keys: no zeroing here.
   std::unique_ptr<float[]> kt(new float[kt_size]);
-  const Inputs in{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
-                  out.data_ptr<float>(), q.stride(0), k.stride(0), v.stride(0), out.stride(0),
-                  heads, kv_heads, dim, window, static_cast<float>(scale)};
+  const Inputs in{q.data_ptr<float>(),
+                  k.data_ptr<float>(),
+                  v.data_ptr<float>(),
+                  out.data_ptr<float>(),
+                  q.stride(0),
+                  k.stride(0),
+                  v.stride(0),
+                  out.stride(0),
+                  heads,
+                  kv_heads,
+                  dim,
+                  window,
+                  static_cast<float>(scale)};
   attend_all(in, seqs, kt.get());
 }
 

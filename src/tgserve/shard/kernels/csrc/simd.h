@@ -23,18 +23,26 @@ typedef int32_t ivec __attribute__((vector_size(kLanes * 4), aligned(4), may_ali
 typedef float vec8 __attribute__((vector_size(32), aligned(4), may_alias));
 typedef float vec4 __attribute__((vector_size(16), aligned(4), may_alias));
 
-inline vec load(const float* p) { return *reinterpret_cast<const vec*>(p); }
-inline void store(float* p, vec v) { *reinterpret_cast<vec*>(p) = v; }
-inline vec splat(float x) { return vec{} + x; }
+inline vec load(const float* p) {
+  return *reinterpret_cast<const vec*>(p);
+}
+inline void store(float* p, vec v) {
+  *reinterpret_cast<vec*>(p) = v;
+}
+inline vec splat(float x) {
+  return vec{} + x;
+}
 
 // A float16 KV cache is read as kLanes halves widened to floats in one instruction (F16C, which
 // every AVX2 CPU has), so a half row costs its arithmetic no more than a float row does, and
 // half the memory traffic.
 inline vec load(const c10::Half* p) {
 #if defined(__AVX512F__)
-  return reinterpret_cast<vec>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+  return reinterpret_cast<vec>(
+      _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
 #elif defined(__F16C__)
-  return reinterpret_cast<vec>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  return reinterpret_cast<vec>(
+      _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 #else
   vec v;
   for (int64_t i = 0; i < kLanes; ++i) v[i] = static_cast<float>(p[i]);
@@ -54,7 +62,8 @@ inline void store_halves(c10::Half* dst, const float* src, int64_t n) {
 }
 
 inline float hsum8(vec8 v) {
-  const vec4 q = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  const vec4 q =
+      __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
   const vec4 h = q + __builtin_shufflevector(q, q, 2, 3, 0, 1);
   return h[0] + h[1];
 }
@@ -84,7 +93,8 @@ inline float hsum(vec v) {
 #if defined(__AVX512F__)
 inline vec pair_halves8(vec a, vec b) {
   return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-         __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+         __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                                 31);
 }
 inline vec pair_halves4(vec a, vec b) {
   return __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +

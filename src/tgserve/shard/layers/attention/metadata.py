@@ -1,4 +1,4 @@
-"""Everything attention needs to know about a forward, built once per step and shared by all layers."""
+"""Everything attention needs to know about a forward, built once a step, shared by all layers."""
 
 from __future__ import annotations
 
