@@ -32,7 +32,8 @@ client ─HTTP─▶ router ─▶ validation ─▶ queue ─▶ scheduler ─g
 ```
 
 - **Launcher** (`tgserve`, alias `text-generation-launcher`): parses TGI's flags (each also read
-  from its environment variable), resolves the model (the packaged default, a folder, a hub id or
+  from its environment variable) into one frozen `Config`, which it hands to every child process
+  (they take no flags of their own), resolves the model (the packaged default, a folder, a hub id or
   a GGUF file) in a child process, starts the shards and waits for them to load and warm up, then
   starts the router with the limits warmup measured. It supervises them all: any death stops
   everything with a non-zero exit code; SIGTERM lets in-flight requests finish first.
