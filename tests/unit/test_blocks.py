@@ -177,3 +177,70 @@ def test_prefix_caching_off_ignores_the_prompt() -> None:
     allocator.commit(first)
     second = allocator.allocate(len(PROMPT), PROMPT)
     assert second is not None and second.prefix_len == 0
+
+
+# ---- a prefix cache that cannot be poisoned --------------------------------------------------
+
+
+def colliding_allocator(num_blocks: int = 12) -> BlockAllocator:
+    """Every block digest is the same: only the token check keeps tenants apart."""
+    return BlockAllocator(num_blocks=num_blocks, block_size=4, prefix_caching=True,
+                          digest=lambda parent, tokens: b"same")
+
+
+def test_a_colliding_block_is_not_served_another_prompts_kv() -> None:
+    allocator = colliding_allocator()
+    victim = allocator.allocate(len(PROMPT) + 4, PROMPT)
+    assert victim is not None
+    allocator.commit(victim)
+    attacker = [9] * len(PROMPT)  # another prompt, the same key for every block
+    stolen = allocator.allocate(len(attacker) + 4, attacker)
+    assert stolen is not None and stolen.prefix_len == 0
+    assert set(stolen.blocks).isdisjoint(victim.blocks)
+    # The victim's own tokens still hit: the check refuses other tokens, not the cache.
+    again = allocator.allocate(len(PROMPT) + 4, PROMPT)
+    assert again is not None and again.prefix_len == 4  # block 2 shares block 1's key: not cached
+
+
+def test_a_collision_after_a_shared_block_reuses_only_the_shared_one() -> None:
+    allocator = BlockAllocator(num_blocks=12, block_size=4, prefix_caching=True,
+                               digest=lambda parent, tokens: bytes([len(parent)]))
+    victim = allocator.allocate(len(PROMPT) + 4, PROMPT)
+    assert victim is not None
+    allocator.commit(victim)
+    attacker = PROMPT[:4] + [9] * 7  # the first block is truly shared, the second only by key
+    served = allocator.allocate(len(attacker) + 4, attacker)
+    assert served is not None and served.prefix_len == 4
+    assert served.blocks[0] == victim.blocks[0] and served.blocks[1] not in victim.blocks
+
+
+def test_a_block_cached_again_under_other_tokens_is_no_parent_to_old_children() -> None:
+    """Evicted and re-published, a block gets a new identity: the child that was computed after
+    its old tokens, still cached under a colliding key, does not chain onto its new tokens."""
+    allocator = BlockAllocator(num_blocks=4, block_size=4, prefix_caching=True,
+                               digest=lambda parent, tokens: bytes([len(parent)]))
+    first = allocator.allocate(8, PROMPT[:9])  # blocks X, Y: both cached, Y after X
+    assert first is not None
+    allocator.commit(first)
+    filler = allocator.allocate(4)  # holds the spare block, so that the next one evicts
+    assert filler is not None
+    allocator.free(first)
+    x, y = first.blocks
+    allocator._idle.move_to_end(y)  # the parent X idles longest: evicted first, Y stays cached
+    other = allocator.allocate(4, [5] * 4 + [6])  # takes X and publishes it with other tokens
+    assert other is not None and other.blocks == (x,)
+    allocator.commit(other)
+    allocator.free(other)
+    allocator.free(filler)
+    mixed = [5] * 4 + PROMPT[4:8] + [1]  # Y's tokens after X's new ones, Y's key by collision
+    served = allocator.allocate(8, mixed)  # two blocks: X again, and the spare one
+    assert served is not None and served.prefix_len == 4 and y not in served.blocks
+
+
+def test_the_default_digest_is_a_cryptographic_chain() -> None:
+    allocator = cached_allocator()
+    one = allocator.allocate(len(PROMPT), PROMPT)
+    two = allocator.allocate(len(PROMPT), [1] + PROMPT[1:])
+    assert one is not None and two is not None
+    assert all(isinstance(h, bytes) and len(h) == 16 for h in one.block_hashes)
+    assert one.block_hashes[1] != two.block_hashes[1]  # the chain carries the first block

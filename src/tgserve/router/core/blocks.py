@@ -1,23 +1,36 @@
 """KV block accounting: which cache blocks and slots each request may use (router-owned, pure).
 
 With prefix caching on, every full block of a prompt whose KV has been computed is remembered by a
-chained hash of the tokens up to its end. A later prompt that starts with the same tokens reuses
-those blocks (reference-counted) and only its remaining tokens run through the model. Blocks nobody
+chained digest of the tokens up to its end. A later prompt that starts with the same tokens reuses
+those blocks (reference-counted) and only its remaining tokens run through the model. The digest
+is BLAKE2b, and a hit is also checked token by token along the chain, so no prompt, however
+crafted, is served KV computed for other tokens (Python's hash() of ints is neither randomised
+nor collision-resistant: vLLM's CVE-2025-25183). Blocks nobody
 uses any more keep their KV and sit in an LRU list; they are evicted only when a request needs
 room the free list cannot give.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 # Block 0 never goes to a request: the health check's dummy prefill writes its one slot there.
 HEALTH_BLOCK = 0
 
-BlockHash = int
+BlockHash = bytes
+BlockTokens = tuple[int, ...]
+# (the parent block's digest, this block's tokens) -> this block's digest
+Digest = Callable[[BlockHash, BlockTokens], BlockHash]
+
+
+def chain_digest(parent: BlockHash, tokens: BlockTokens) -> BlockHash:
+    """128-bit BLAKE2b of the parent's digest and the block's token ids."""
+    return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
 
 
 @dataclass(frozen=True)
@@ -29,20 +42,42 @@ class BlockAllocation:
     slots: tuple[int, ...]
     # Prompt tokens whose KV is already in the first blocks (a multiple of the block size).
     prefix_len: int = 0
-    # The chained hash of each full prompt block, in order: what `commit` publishes.
+    # The chained digest of each full prompt block, and its tokens, in order: what `commit`
+    # publishes.
     block_hashes: tuple[BlockHash, ...] = ()
+    block_tokens: tuple[BlockTokens, ...] = ()
 
 
-def prompt_block_hashes(prompt: Sequence[int], block_size: int) -> tuple[BlockHash, ...]:
-    """One hash per full block of `prompt`, each covering every token from the start.
+@dataclass(frozen=True)
+class _CachedBlock:
+    """What a cached block holds: its tokens, after the entry `parent` (None: the prompt's start).
+
+    `seq` numbers publications and is never reused, so a block evicted and cached again under
+    other tokens cannot pass for the parent its old children were computed after."""
+
+    seq: int
+    parent: int | None
+    tokens: BlockTokens
+
+
+def prompt_blocks(prompt: Sequence[int], block_size: int) -> tuple[BlockTokens, ...]:
+    """The tokens of each full block of `prompt` that the prefix cache may hold.
 
     The last prompt token is left out: its logits are needed, so it always runs through the
     model, and a block is only reusable when every token in it can be skipped.
     """
+    return tuple(tuple(prompt[end - block_size : end])
+                 for end in range(block_size, len(prompt), block_size))
+
+
+def prompt_block_hashes(
+    blocks: Sequence[BlockTokens], digest: Digest = chain_digest
+) -> tuple[BlockHash, ...]:
+    """One digest per block, each covering every token from the prompt's start."""
     hashes: list[BlockHash] = []
-    parent: BlockHash = 0
-    for end in range(block_size, len(prompt), block_size):
-        parent = hash((parent, tuple(prompt[end - block_size : end])))
+    parent = b""
+    for tokens in blocks:
+        parent = digest(parent, tokens)
         hashes.append(parent)
     return tuple(hashes)
 
@@ -54,13 +89,16 @@ class BlockAllocator:
     num_blocks: int
     block_size: int
     prefix_caching: bool = False
+    digest: Digest = chain_digest  # tests inject a weak one to force collisions
     _free: list[int] = field(init=False, repr=False)
     _live: dict[int, BlockAllocation] = field(init=False, repr=False, default_factory=dict)
     _ids: itertools.count = field(init=False, repr=False, default_factory=itertools.count)
-    # Prefix cache: hash -> block, its inverse, live references per cached block, and the cached
-    # blocks nobody references, oldest first (eviction order).
+    # Prefix cache: digest -> block, its inverse, what each cached block holds, live references
+    # per cached block, and the cached blocks nobody references, oldest first (eviction order).
     _cached: dict[BlockHash, int] = field(init=False, repr=False, default_factory=dict)
     _hash_of: dict[int, BlockHash] = field(init=False, repr=False, default_factory=dict)
+    _holds: dict[int, _CachedBlock] = field(init=False, repr=False, default_factory=dict)
+    _seqs: itertools.count = field(init=False, repr=False, default_factory=itertools.count)
     _refs: dict[int, int] = field(init=False, repr=False, default_factory=dict)
     _idle: OrderedDict[int, None] = field(init=False, repr=False, default_factory=OrderedDict)
 
@@ -110,12 +148,13 @@ class BlockAllocator:
         `prefix_ids` (the prompt) lets a prefix cache hand back blocks that already hold the KV of
         its first tokens; None means every token must be computed (prompt logprobs need that).
         """
-        hashes = (
-            prompt_block_hashes(prefix_ids, self.block_size)
+        full = (
+            prompt_blocks(prefix_ids, self.block_size)
             if self.prefix_caching and prefix_ids is not None
             else ()
         )
-        reused = self._match(hashes)
+        hashes = prompt_block_hashes(full, self.digest)
+        reused = self._match(hashes, full)
         needed = self.blocks_for(tokens) - len(reused)
         revived = sum(1 for b in reused if b in self._idle)
         if needed > len(self._free) + len(self._idle) - revived:
@@ -131,7 +170,7 @@ class BlockAllocator:
             )
         )
         allocation = BlockAllocation(
-            next(self._ids), blocks, slots, len(reused) * self.block_size, hashes
+            next(self._ids), blocks, slots, len(reused) * self.block_size, hashes, full
         )
         self._live[allocation.id] = allocation
         return allocation
@@ -144,12 +183,23 @@ class BlockAllocator:
         """
         if allocation.id not in self._live:
             return
-        for block, block_hash in zip(allocation.blocks, allocation.block_hashes):
-            if block in self._hash_of or block_hash in self._cached:
-                continue  # reused from the cache already, or another request published it first
-            self._cached[block_hash] = block
-            self._hash_of[block] = block_hash
+        parent: int | None = None
+        for block, key, tokens in zip(
+            allocation.blocks, allocation.block_hashes, allocation.block_tokens
+        ):
+            cached = self._cached.get(key)
+            if cached is not None:  # reused from the cache, or another request published it first
+                held = self._holds[cached]
+                if held.parent != parent or held.tokens != tokens:
+                    return  # the key is taken by other tokens: publish nothing after it
+                parent = held.seq
+                continue
+            held = _CachedBlock(next(self._seqs), parent, tokens)
+            self._cached[key] = block
+            self._hash_of[block] = key
+            self._holds[block] = held
             self._refs[block] = self._refs.get(block, 0) + 1
+            parent = held.seq
 
     def free(self, allocation: BlockAllocation) -> None:
         """Return the blocks; freeing the same allocation twice is a bug and raises."""
@@ -166,14 +216,20 @@ class BlockAllocator:
                 del self._refs[block]
                 self._idle[block] = None  # keeps its KV until someone needs the room
 
-    def _match(self, hashes: Sequence[BlockHash]) -> list[int]:
-        """The cached blocks of the longest prefix of `hashes`."""
+    def _match(self, hashes: Sequence[BlockHash], tokens: Sequence[BlockTokens]) -> list[int]:
+        """The cached blocks of the longest prefix of `hashes` that hold exactly `tokens`, each
+        after the one before: a digest match alone is never trusted."""
         blocks: list[int] = []
-        for block_hash in hashes:
-            block = self._cached.get(block_hash)
+        parent: int | None = None
+        for key, block_tokens in zip(hashes, tokens):
+            block = self._cached.get(key)
             if block is None:
                 break
+            held = self._holds[block]
+            if held.parent != parent or held.tokens != block_tokens:
+                break
             blocks.append(block)
+            parent = held.seq
         return blocks
 
     def _take(self) -> int:
@@ -181,4 +237,5 @@ class BlockAllocator:
             return self._free.pop()
         block, _ = self._idle.popitem(last=False)  # least recently released
         del self._cached[self._hash_of.pop(block)]
+        del self._holds[block]
         return block
