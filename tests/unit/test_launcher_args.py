@@ -50,6 +50,19 @@ def test_every_flag_reads_its_env_variable(monkeypatch: pytest.MonkeyPatch) -> N
     assert a.kv_cache_memory == 2**20
 
 
+@pytest.mark.parametrize(("variable", "bound"), [
+    ("tgserve-7d9f-abcde", "0.0.0.0"),  # a pod's name: not an address to bind
+    ("127.0.0.1", "127.0.0.1"),
+    ("::1", "::1"),
+])
+def test_hostname_from_the_environment_only_when_an_ip(
+    monkeypatch: pytest.MonkeyPatch, variable: str, bound: str
+) -> None:
+    monkeypatch.setenv("HOSTNAME", variable)
+    assert parse([]).hostname == bound
+    assert parse(["--hostname", "localhost"]).hostname == "localhost"  # a flag is taken as given
+
+
 def test_legacy_alias_and_conflict(capsys: pytest.CaptureFixture[str]) -> None:
     assert parse(["--max-input-length", "100"]).max_input_tokens == 100
     with pytest.raises(SystemExit):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +28,14 @@ def _for_argparse(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tgserve",
@@ -36,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     for f, meta in flag_fields():
         flag = "--" + f.name.replace("_", "-")
         env = flag_default(flag)
+        if flag == "--hostname" and env is not None and not _is_ip_address(env):
+            # Containers and pods set HOSTNAME to their own name, not an address to bind: as in
+            # TGI, only an IP address there is taken as the bind address.
+            env = None
         if meta.parse is None:
             default = parse_bool(env) if env is not None else f.default
             p.add_argument(flag, action="store_true", default=default, help=meta.help)
