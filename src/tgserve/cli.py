@@ -11,14 +11,8 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else None
-    if command == "shard":
-        from tgserve.shard.server import main as shard_main
-
-        return shard_main(argv[1:])
-    if command == "router":
-        from tgserve.router.main import main as router_main
-
-        return router_main(argv[1:])
+    if command in ("shard", "router"):
+        return child(command, argv[1:])
     if command == "benchmark":
         from tgserve.benchmark import cli as bench
 
@@ -28,6 +22,21 @@ def main(argv: list[str] | None = None) -> int:
 
         return shard_bench.main(argv[1:])
     return launch(argv)
+
+
+def child(command: str, argv: list[str]) -> int:
+    """The launcher's children: a short message, not a traceback, when started by hand."""
+    from tgserve.env import MissingConfigError
+
+    if command == "shard":
+        from tgserve.shard.server import main as entry
+    else:
+        from tgserve.router.main import main as entry
+    try:
+        return entry(argv)
+    except MissingConfigError as e:
+        print(f"tgserve {command}: {e}", file=sys.stderr)
+        return 2
 
 
 def launch(argv: list[str]) -> int:

@@ -45,11 +45,15 @@ def decode_ahead_max_batch() -> int:
 CONFIG_VARIABLE = "TGSERVE_CONFIG"
 
 
+class MissingConfigError(RuntimeError):
+    """A child process started without the launcher's Config."""
+
+
 def child_config() -> Config:
     """The Config the launcher handed this child process."""
     text = os.environ.get(CONFIG_VARIABLE)
     if not text:
-        raise RuntimeError(
+        raise MissingConfigError(
             f"{CONFIG_VARIABLE} is not set: `tgserve shard` and `tgserve router` are started by "
             "the launcher (`tgserve`), not by hand"
         )

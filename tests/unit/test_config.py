@@ -146,3 +146,13 @@ def test_the_readme_lists_every_flag_as_config_declares_it() -> None:
     readme = (SRC.parents[1] / "README.md").read_text()
     assert flags_table() in readme, "regenerate: python -c 'from tests.unit.test_config import " \
         "flags_table; print(flags_table())'"
+
+
+def test_a_child_started_by_hand_says_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tgserve import cli, env
+
+    monkeypatch.delenv(env.CONFIG_VARIABLE, raising=False)
+    assert cli.main(["router"]) == 2
+    assert "started by the launcher" in capsys.readouterr().err
