@@ -8,7 +8,7 @@ PORT ?= 8080
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test proto lint clean bench peers tools
+.PHONY: install serve test test-slow proto lint clean bench peers tools
 
 $(STAMP): pyproject.toml proto/generate.proto
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +41,12 @@ serve: $(STAMP)
 	$(VENV)/bin/tgserve --port $(PORT)
 
 test: $(STAMP) tools
-	bash scripts/run_tests.sh
+	bash scripts/run_tests.sh -m "not longrun"
+
+# The bounded fuzz and soak runs (a few minutes each, on the default model): CI runs them after
+# `make test`.
+test-slow: $(STAMP) tools
+	bash scripts/run_tests.sh -m longrun
 
 # ruff (pycodestyle, pyflakes, import order, bugbear, pyupgrade), mypy over src/, clang-format
 # over the C++ kernels (--dry-run -Werror: a file that would change fails).
