@@ -42,7 +42,7 @@ def parse_bool(text: str) -> bool:
 def positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         value = kind(text)
-        if value <= 0:
+        if not value > 0:  # NaN included
             raise ValueError(f"must be > 0, got {text}")
         return value
 
@@ -192,6 +192,13 @@ class Config:
         None, "Require `Authorization: Bearer <key>` on generation routes", used_by=(ROUTER,))
     tokenizer_config_path: str | None = _flag(
         None, "tokenizer_config.json overriding the model's", used_by=(ROUTER,))
+    request_timeout: float | None = _flag(
+        None, "Seconds a request may wait for its first token, unless its X-Request-Timeout "
+        "header says otherwise; one that cannot make it gets 429 + Retry-After at once "
+        "(default: no limit)", parse=positive(float), used_by=(ROUTER,))
+    cache_salt_from_api_key: bool = _flag(
+        False, "Share cached prompt blocks only between requests with the same "
+        "`Authorization` token (tenants behind a gateway)", parse=None, used_by=(ROUTER,))
     disable_grammar_support: bool = _flag(
         False, "Refuse grammar/tools/response_format", parse=None, used_by=(ROUTER,))
     graceful_termination_timeout: int = _flag(

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tgserve.router.core.blocks import BlockAllocator
+from tgserve.router.core.blocks import BlockAllocator, prompt_block_hashes
 
 
 def test_block_zero_is_never_handed_out() -> None:
@@ -244,3 +244,35 @@ def test_the_default_digest_is_a_cryptographic_chain() -> None:
     assert one is not None and two is not None
     assert all(isinstance(h, bytes) and len(h) == 16 for h in one.block_hashes)
     assert one.block_hashes[1] != two.block_hashes[1]  # the chain carries the first block
+
+
+# ---- cache salts: tenants never share blocks ---------------------------------------------------
+
+
+def test_requests_share_cached_blocks_only_under_the_same_salt() -> None:
+    allocator = cached_allocator()
+    alice = allocator.allocate(len(PROMPT) + 4, PROMPT, salt=b"alice")
+    assert alice is not None
+    allocator.commit(alice)
+    for salt in (b"", b"bob"):
+        other = allocator.allocate(len(PROMPT) + 4, PROMPT, salt=salt)
+        assert other is not None and other.prefix_len == 0
+        assert set(other.blocks).isdisjoint(alice.blocks)
+        allocator.free(other)
+    again = allocator.allocate(len(PROMPT) + 4, PROMPT, salt=b"alice")
+    assert again is not None and again.prefix_len == 8 and again.blocks[:2] == alice.blocks[:2]
+
+
+def test_a_salt_keeps_tenants_apart_even_when_every_digest_collides() -> None:
+    allocator = colliding_allocator()
+    victim = allocator.allocate(len(PROMPT) + 4, PROMPT, salt=b"tenant-a")
+    assert victim is not None
+    allocator.commit(victim)
+    same_tokens = allocator.allocate(len(PROMPT) + 4, PROMPT, salt=b"tenant-b")
+    assert same_tokens is not None and same_tokens.prefix_len == 0
+
+
+def test_an_unsalted_chain_keeps_its_keys() -> None:
+    # b"" is "no salt": keys published before salts existed (or by unsalted requests) still hit.
+    assert prompt_block_hashes([(1, 2)]) == prompt_block_hashes([(1, 2)], salt=b"")
+    assert prompt_block_hashes([(1, 2)]) != prompt_block_hashes([(1, 2)], salt=b"x")

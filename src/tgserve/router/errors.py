@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tgserve.router.types import (
+    DeadlineExceededError,
+    DeadlineUnreachableError,
     GenerationError,
     IncompleteGenerationError,
     InferError,
@@ -43,17 +46,28 @@ class ErrorInfo:
     status: int
     error_type: str
     message: str
+    retry_after: float | None = None  # seconds, for a Retry-After header
 
     def body(self) -> dict[str, str]:
         return {"error": self.message, "error_type": self.error_type}
+
+    def headers(self) -> dict[str, str] | None:
+        if self.retry_after is None:
+            return None
+        return {"retry-after": str(max(math.ceil(self.retry_after), 1))}
 
 
 def error_info(exc: BaseException) -> ErrorInfo:
     """Map any exception to what the client sees; unknown ones never leak their text."""
     if isinstance(exc, ValidationError):
         return ErrorInfo(422, "validation", f"Input validation error: {exc}")
+    if isinstance(exc, DeadlineUnreachableError):
+        return ErrorInfo(429, "overloaded", f"Model is overloaded: {exc}", exc.retry_after)
     if isinstance(exc, OverloadedError):
-        return ErrorInfo(429, "overloaded", "Model is overloaded")
+        return ErrorInfo(429, "overloaded", "Model is overloaded", 1.0)
+    if isinstance(exc, DeadlineExceededError):
+        return ErrorInfo(503, "deadline_exceeded", f"Request deadline exceeded: {exc}",
+                         exc.retry_after)
     if isinstance(exc, GenerationError):
         return ErrorInfo(424, "generation", f"Request failed during generation: {exc}")
     if isinstance(exc, PayloadTooLargeError):
@@ -67,7 +81,7 @@ def error_info(exc: BaseException) -> ErrorInfo:
 
 def error_response(exc: BaseException) -> JSONResponse:
     info = error_info(exc)
-    return JSONResponse(status_code=info.status, content=info.body())
+    return JSONResponse(status_code=info.status, content=info.body(), headers=info.headers())
 
 
 def _describe_input(value: Any) -> str:

@@ -18,6 +18,7 @@ from tgserve.router.native import schemas
 from tgserve.router.native.schemas import GenerateRequest
 from tgserve.router.native.validation import Limits, reseeded, validate
 from tgserve.router.observe import RequestTracker, Telemetry
+from tgserve.router.terms import NO_TERMS, RequestTerms
 from tgserve.router.tokenization import RouterTokenizer
 from tgserve.router.types import (
     EndEvent,
@@ -230,18 +231,20 @@ class Infer:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
     async def generate(
-        self, req: GenerateRequest, *, add_special_tokens: bool = True
+        self, req: GenerateRequest, *, add_special_tokens: bool = True,
+        terms: RequestTerms = NO_TERMS,
     ) -> GenerateOutput:
         """Collect a whole generation (best_of siblings concurrently); chat passes False."""
         with self.telemetry.track(req.inputs, stream=False) as track:
-            return await self._generate(req, add_special_tokens, track)
+            return await self._generate(req, add_special_tokens, terms, track)
 
     async def _generate(
-        self, req: GenerateRequest, add_special_tokens: bool, track: RequestTracker
+        self, req: GenerateRequest, add_special_tokens: bool, terms: RequestTerms,
+        track: RequestTracker,
     ) -> GenerateOutput:
         start = time.monotonic()
         with self.limiter.permit():
-            request = await self.validate(req, add_special_tokens=add_special_tokens)
+            request = terms.apply(await self.validate(req, add_special_tokens=add_special_tokens))
             track.validated(request)
             best_of = req.parameters.best_of or 1
             # TGI takes one permit per sibling: best_of costs as much as best_of requests.
@@ -301,11 +304,14 @@ class Infer:
         return schemas.GenerateResponse(generated_text=text, details=details)
 
     async def generate_stream(
-        self, req: GenerateRequest, *, add_special_tokens: bool = True
+        self, req: GenerateRequest, *, add_special_tokens: bool = True,
+        terms: RequestTerms = NO_TERMS,
     ) -> AsyncIterator[schemas.StreamResponse]:
         """Stream responses, index from 1; the permit is held until the stream is closed."""
         with self.telemetry.track(req.inputs, stream=True) as track, self.limiter.permit():
-            request = await self.validate(req, stream=True, add_special_tokens=add_special_tokens)
+            request = terms.apply(
+                await self.validate(req, stream=True, add_special_tokens=add_special_tokens)
+            )
             track.validated(request)
             index = 0
             async with self._scheduled(request, track) as events:

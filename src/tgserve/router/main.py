@@ -104,6 +104,8 @@ async def serve(config: Config) -> int:
         validation_workers=config.validation_workers, model_id=config.model_name,
         compute_type=f"{info.device_type}+tgserve",
         grammar_support=not config.disable_grammar_support,
+        request_timeout=config.request_timeout,
+        cache_salt_from_api_key=config.cache_salt_from_api_key,
     )
     metrics = Metrics.create(settings.max_input_tokens, settings.max_total_tokens)
     metrics.batch_max_total_tokens.set(settings.max_batch_total_tokens)

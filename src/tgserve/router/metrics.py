@@ -22,9 +22,12 @@ from prometheus_client.metrics_core import Metric
 from tgserve.router.core.batch import ShardTimings
 
 # Label values known in advance, exported at zero from the start so dashboards and rate() see them.
-FAILURE_KINDS = ("validation", "overloaded", "generation", "incomplete", "dropped", "template")
-REJECT_REASONS = ("validation", "overloaded")
-CANCEL_REASONS = ("client_disconnected",)
+FAILURE_KINDS = ("validation", "overloaded", "generation", "incomplete", "dropped", "template",
+                 "deadline", "deadline_expired")
+# deadline: refused at once, its first token would have come too late (core/admission.py).
+REJECT_REASONS = ("validation", "overloaded", "deadline")
+# deadline_expired: left the queue when its deadline passed, before it reached the shards.
+CANCEL_REASONS = ("client_disconnected", "deadline_expired")
 STEP_METHODS = ("prefill", "decode")
 CONCAT_REASONS = ("backpressure", "wait_exceeded")
 

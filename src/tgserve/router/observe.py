@@ -29,8 +29,10 @@ FAILURE_KIND = {
     "template_error": "template",
     "missing_template_variable": "template",
     "tool_error": "validation",
+    "deadline_unreachable": "deadline",  # DeadlineUnreachableError's code
+    "deadline_exceeded": "deadline_expired",
 }
-REJECTED = ("validation", "overloaded")  # refused before they reached the queue
+REJECTED = ("validation", "overloaded", "deadline")  # refused before they reached the queue
 
 
 def failure_kind(exc: BaseException) -> str:
@@ -190,6 +192,8 @@ class RequestTracker:
                 m.requests_rejected.labels(reason=kind).inc()
             if kind == "dropped":
                 m.requests_cancelled.labels(reason="client_disconnected").inc()
+            if kind == "deadline_expired":
+                m.requests_cancelled.labels(reason=kind).inc()
         fields = self._fields(kind)
         if kind != "dropped":
             fields["error_type"] = error_info(exc).error_type

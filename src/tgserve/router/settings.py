@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tgserve.router.native.validation import Limits
+from tgserve.router.terms import TermsPolicy
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,11 @@ class RouterSettings:
     model_id: str = ""
     compute_type: str = "gpu+optimized"  # x-compute-type header; TGI reads env COMPUTE_TYPE
     grammar_support: bool = True
+    request_timeout: float | None = None
+    cache_salt_from_api_key: bool = False
+
+    def terms(self) -> TermsPolicy:
+        return TermsPolicy(self.request_timeout, self.cache_salt_from_api_key)
 
     def limits(self) -> Limits:
         return Limits(

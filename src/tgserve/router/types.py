@@ -50,6 +50,10 @@ class ValidRequest:
     decoder_input_details: bool = False
     truncate: int | None = None
     add_special_tokens: bool = True
+    # Prefix-cache isolation: only requests with equal salts share cached prompt blocks.
+    cache_salt: bytes = b""
+    # time.monotonic() by which its first token must come (None: no deadline).
+    deadline: float | None = None
 
     @property
     def input_length(self) -> int:
@@ -105,6 +109,27 @@ class InferError(Exception):
 
 class OverloadedError(InferError):
     pass
+
+
+class DeadlineUnreachableError(OverloadedError):
+    """The queue ahead would make the request's first token late: refused before queueing."""
+
+    code = "deadline_unreachable"  # observe.failure_kind: counted apart from other overloads
+
+    def __init__(self, eta: float, remaining: float, retry_after: float) -> None:
+        super().__init__(
+            f"the first token would come in about {eta:.1f}s, after the request's deadline "
+            f"({max(remaining, 0.0):.1f}s from now)"
+        )
+        self.retry_after = retry_after
+
+
+class DeadlineExceededError(InferError):
+    """The request's deadline passed while it waited in the queue; the shards never saw it."""
+
+    def __init__(self, waited: float, retry_after: float = 1.0) -> None:
+        super().__init__(f"the request's deadline passed after {waited:.1f}s in the queue")
+        self.retry_after = retry_after
 
 
 class GenerationError(InferError):

@@ -5,7 +5,9 @@ chained digest of the tokens up to its end. A later prompt that starts with the 
 those blocks (reference-counted) and only its remaining tokens run through the model. The digest
 is BLAKE2b, and a hit is also checked token by token along the chain, so no prompt, however
 crafted, is served KV computed for other tokens (Python's hash() of ints is neither randomised
-nor collision-resistant: vLLM's CVE-2025-25183). Blocks nobody
+nor collision-resistant: vLLM's CVE-2025-25183). A request's cache salt (per tenant) starts its
+chain, so requests with different salts never share a block, nor learn from a hit's speed that
+another tenant sent the same prompt. Blocks nobody
 uses any more keep their KV and sit in an LRU list; they are evicted only when a request needs
 room the free list cannot give.
 """
@@ -46,17 +48,19 @@ class BlockAllocation:
     # publishes.
     block_hashes: tuple[BlockHash, ...] = ()
     block_tokens: tuple[BlockTokens, ...] = ()
+    salt: bytes = b""
 
 
 @dataclass(frozen=True)
 class _CachedBlock:
-    """What a cached block holds: its tokens, after the entry `parent` (None: the prompt's start).
+    """What a cached block holds: its tokens, after the entry `parent` (for a prompt's first
+    block, the salt's bytes: b"" without one).
 
     `seq` numbers publications and is never reused, so a block evicted and cached again under
     other tokens cannot pass for the parent its old children were computed after."""
 
     seq: int
-    parent: int | None
+    parent: int | bytes
     tokens: BlockTokens
 
 
@@ -70,12 +74,17 @@ def prompt_blocks(prompt: Sequence[int], block_size: int) -> tuple[BlockTokens, 
                  for end in range(block_size, len(prompt), block_size))
 
 
+def salt_root(salt: bytes) -> BlockHash:
+    """Where a salted chain starts: b"" (no salt) keeps unsalted keys as they were."""
+    return hashlib.blake2b(b"cache-salt\0" + salt, digest_size=16).digest() if salt else b""
+
+
 def prompt_block_hashes(
-    blocks: Sequence[BlockTokens], digest: Digest = chain_digest
+    blocks: Sequence[BlockTokens], digest: Digest = chain_digest, salt: bytes = b""
 ) -> tuple[BlockHash, ...]:
-    """One digest per block, each covering every token from the prompt's start."""
+    """One digest per block, each covering the salt and every token from the prompt's start."""
     hashes: list[BlockHash] = []
-    parent = b""
+    parent = salt_root(salt)
     for tokens in blocks:
         parent = digest(parent, tokens)
         hashes.append(parent)
@@ -141,20 +150,21 @@ class BlockAllocator:
         return self.blocks_for(tokens) <= self.total_blocks
 
     def allocate(
-        self, tokens: int, prefix_ids: Sequence[int] | None = None
+        self, tokens: int, prefix_ids: Sequence[int] | None = None, salt: bytes = b""
     ) -> BlockAllocation | None:
         """Reserve room for `tokens` KV entries, or None when the blocks do not suffice.
 
         `prefix_ids` (the prompt) lets a prefix cache hand back blocks that already hold the KV of
         its first tokens; None means every token must be computed (prompt logprobs need that).
+        Only blocks published under the same `salt` are handed back.
         """
         full = (
             prompt_blocks(prefix_ids, self.block_size)
             if self.prefix_caching and prefix_ids is not None
             else ()
         )
-        hashes = prompt_block_hashes(full, self.digest)
-        reused = self._match(hashes, full)
+        hashes = prompt_block_hashes(full, self.digest, salt)
+        reused = self._match(hashes, full, salt)
         needed = self.blocks_for(tokens) - len(reused)
         revived = sum(1 for b in reused if b in self._idle)
         if needed > len(self._free) + len(self._idle) - revived:
@@ -170,7 +180,7 @@ class BlockAllocator:
             )
         )
         allocation = BlockAllocation(
-            next(self._ids), blocks, slots, len(reused) * self.block_size, hashes, full
+            next(self._ids), blocks, slots, len(reused) * self.block_size, hashes, full, salt
         )
         self._live[allocation.id] = allocation
         return allocation
@@ -183,7 +193,7 @@ class BlockAllocator:
         """
         if allocation.id not in self._live:
             return
-        parent: int | None = None
+        parent: int | bytes = allocation.salt
         for block, key, tokens in zip(
             allocation.blocks, allocation.block_hashes, allocation.block_tokens
         ):
@@ -216,11 +226,13 @@ class BlockAllocator:
                 del self._refs[block]
                 self._idle[block] = None  # keeps its KV until someone needs the room
 
-    def _match(self, hashes: Sequence[BlockHash], tokens: Sequence[BlockTokens]) -> list[int]:
+    def _match(
+        self, hashes: Sequence[BlockHash], tokens: Sequence[BlockTokens], salt: bytes
+    ) -> list[int]:
         """The cached blocks of the longest prefix of `hashes` that hold exactly `tokens`, each
-        after the one before: a digest match alone is never trusted."""
+        after the one before, the first after `salt`: a digest match alone is never trusted."""
         blocks: list[int] = []
-        parent: int | None = None
+        parent: int | bytes = salt
         for key, block_tokens in zip(hashes, tokens):
             block = self._cached.get(key)
             if block is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from tgserve.router.core.batch import Batch, BatchRequest
@@ -113,7 +113,9 @@ class Queue:
         request = entry.request
         # With prefill logprobs asked, every prompt token must be computed: no prefix reuse.
         prefix_ids = None if request.decoder_input_details else request.input_ids
-        allocation = self.allocator.allocate(entry.kv_tokens + self.speculate, prefix_ids)
+        allocation = self.allocator.allocate(
+            entry.kv_tokens + self.speculate, prefix_ids, request.cache_salt
+        )
         if allocation is None:
             return False
         if allocation.prefix_len >= request.input_length:
@@ -156,5 +158,5 @@ class Queue:
 
 
 def _with_prefix(allocation: BlockAllocation, prefix_len: int) -> BlockAllocation:
-    return BlockAllocation(allocation.id, allocation.blocks, allocation.slots, prefix_len)
+    return replace(allocation, prefix_len=prefix_len)
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from tgserve.router.core.admission import StepPace, admit
 from tgserve.router.core.batch import (
     Batch,
     BatchRequest,
@@ -21,7 +22,10 @@ from tgserve.router.core.batch import (
 )
 from tgserve.router.core.blocks import HEALTH_BLOCK, BlockAllocation, BlockAllocator
 from tgserve.router.core.queue import Entry, NextBatch, Queue
+from tgserve.router.core.watchdog import StepWatch, Watchdog, WatchdogSettings
 from tgserve.router.types import (
+    DeadlineExceededError,
+    DeadlineUnreachableError,
     EndEvent,
     GenerationError,
     IncompleteGenerationError,
@@ -169,6 +173,7 @@ class Scheduler:
         speculate: int = 0,
         mixed_prefill: bool = False,
         prefix_caching: bool = False,
+        watchdog: WatchdogSettings | None = None,
     ) -> None:
         self._client = client
         self.settings = settings
@@ -186,6 +191,9 @@ class Scheduler:
         self._joining: Entries = {}  # a new batch while its prefill is in flight
         self._backlog_budget = 0  # the step prefill budget of the queue's current backlog
         self._healthy = True
+        self.pace = StepPace()  # what deadline admission estimates with
+        self.watchdog = Watchdog(watchdog or WatchdogSettings())
+        self._watchdog_task: asyncio.Task[None] | None = None
 
     @property
     def prefix_caching(self) -> bool:
@@ -197,17 +205,20 @@ class Scheduler:
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="tgserve-batching")
+            self._watchdog_task = asyncio.create_task(self.watchdog.run(), name="tgserve-watchdog")
             self._wake.set()
 
     async def stop(self) -> None:
         """Stop batching; every request still waiting or running ends with an error."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        for t in (task, self._watchdog_task):
+            if t is not None:
+                t.cancel()
+                try:
+                    await t
+                except asyncio.CancelledError:
+                    pass
+        self._watchdog_task = None
         error = GenerationError("the server is shutting down")
         for entries in (self._running, self._joining):
             self._fail(entries, error)
@@ -218,6 +229,7 @@ class Scheduler:
     async def schedule(self, request: ValidRequest) -> AsyncIterator[InferEvent]:
         """Queue the request and yield its events; closing the iterator cancels the request."""
         self._check_fits(request)
+        self._check_deadline(request)
         sink: asyncio.Queue[InferEvent | InferError] = asyncio.Queue()
         entry = Entry(request, sink, queued_at=time.monotonic())
         self.queue.append(entry)
@@ -226,7 +238,7 @@ class Scheduler:
         done = False
         try:
             while not done:
-                item = await sink.get()
+                item = await self._next_item(entry, sink)
                 if isinstance(item, InferError):
                     done = True
                     raise item
@@ -238,8 +250,58 @@ class Scheduler:
                 entry.cancelled = True
                 self._wake.set()
 
+    async def _next_item(
+        self, entry: Entry, sink: asyncio.Queue[InferEvent | InferError]
+    ) -> InferEvent | InferError:
+        """The entry's next event; past its deadline while still queued, it leaves the queue."""
+        deadline = entry.request.deadline
+        while deadline is not None and entry.started_at is None:
+            try:
+                return await asyncio.wait_for(sink.get(), deadline - time.monotonic())
+            except TimeoutError:
+                if entry.started_at is not None:
+                    break  # a batch took it meanwhile: its first token is on the way
+                # Cancelled, the batching task drops it from the queue: the shards never see it.
+                entry.cancelled = True
+                self._wake.set()
+                ahead = self.pace.first_token_eta(self.queue.waiting_tokens(), 0,
+                                                  self._step_tokens(), bool(self._running))
+                return DeadlineExceededError(time.monotonic() - entry.queued_at,
+                                             max(ahead or 1.0, 1.0))
+        return await sink.get()
+
+    def _check_deadline(self, request: ValidRequest) -> None:
+        if request.deadline is None:
+            return
+        remaining = request.deadline - time.monotonic()
+        verdict = admit(self.pace, remaining, self.queue.waiting_tokens(), request.input_length,
+                        self._step_tokens(), bool(self._running))
+        if not verdict.admitted:
+            assert verdict.eta is not None
+            raise DeadlineUnreachableError(verdict.eta, remaining, verdict.retry_after)
+
+    def _step_tokens(self) -> int:
+        """Prompt tokens one step admits now (what the queue drains by, step after step)."""
+        if self.mixed_prefill:
+            return step_prefill_budget(self.settings, self.queue.waiting_tokens(),
+                                       self._backlog_budget)
+        return self.settings.max_batch_prefill_tokens
+
+    def readiness(self) -> str | None:
+        """Why the engine cannot take requests now (None: it can): for the readiness probe."""
+        if self.watchdog.stalled is not None:
+            return "engine_stalled"
+        if not self._healthy:
+            return "shard_unreachable"
+        return None
+
     async def health(self) -> bool:
-        """Cheap Health RPC while healthy; after a failure, a real one-token prefill on block 0."""
+        """Cheap Health RPC while healthy; after a failure, a real one-token prefill on block 0.
+
+        A stalled step (the watchdog's verdict) is unhealthy without asking the shards: they are
+        busy with it, and a health RPC would only queue behind it."""
+        if self.watchdog.stalled is not None:
+            return False
         if self._healthy:
             try:
                 await self._client.health()
@@ -410,13 +472,23 @@ class Scheduler:
         ahead: bool = True,
     ) -> CachedBatch | None:
         start = time.perf_counter()
+        computed = sum(e.request.input_length - (e.allocation.prefix_len if e.allocation else 0)
+                       for e in nb.entries.values())
+        watch = StepWatch("prefill", computed, tuple(entries),
+                          (nb.batch.id,) + ((running.id,) if running is not None else ()))
         try:
-            result = await self._client.prefill(nb.batch, running,
-                                                decode_ahead=ahead and self._nothing_waits())
+            with self.watchdog.watching(watch):
+                result = await self._client.prefill(nb.batch, running,
+                                                    decode_ahead=ahead and self._nothing_waits())
         except Exception as err:  # noqa: BLE001 - a failed step fails its requests, not the server
             failed = [nb.batch.id] + ([running.id] if running is not None else [])
             await self._step_failed("prefill", failed, entries, err)
             return None
+        duration = time.perf_counter() - start
+        if running is not None and self.pace.decode_step_s is not None:
+            # The running rows' decode rode in the same forward: it is not prompt time.
+            duration = max(duration - self.pace.decode_step_s, 0.0)
+        self.pace.on_prefill(duration, computed)
         self._observer.on_prefill(time.perf_counter() - start, len(entries), result.timings)
         for entry in nb.entries.values():
             if entry.allocation is not None:
@@ -427,11 +499,14 @@ class Scheduler:
         self, batches: list[CachedBatch], entries: Entries
     ) -> CachedBatch | None:
         start = time.perf_counter()
+        watch = StepWatch("decode", len(entries), tuple(entries), tuple(b.id for b in batches))
         try:
-            result = await self._client.decode(batches, decode_ahead=self._nothing_waits())
+            with self.watchdog.watching(watch):
+                result = await self._client.decode(batches, decode_ahead=self._nothing_waits())
         except Exception as err:  # noqa: BLE001 - a failed step fails its requests, not the server
             await self._step_failed("decode", [b.id for b in batches], entries, err)
             return None
+        self.pace.on_decode(time.perf_counter() - start)
         self._observer.on_decode(time.perf_counter() - start, len(entries), result.timings)
         return await self._after_step("decode", result, entries)
 

@@ -26,6 +26,7 @@ from tgserve.router.native.schemas import (
 )
 from tgserve.router.settings import RouterSettings
 from tgserve.router.streaming import SSEResponse, sse_stream
+from tgserve.router.terms import TermsPolicy
 
 
 def _error_doc(description: str, error: str, error_type: str) -> dict[str, Any]:
@@ -99,12 +100,13 @@ class NativeContext:
     compute_type: str
     # Like TGI: `/` returns the prompt too unless the model is known not to be a text generator.
     full_text_default: bool
+    terms: TermsPolicy = TermsPolicy()
 
     @classmethod
     def create(cls, infer: Infer, settings: RouterSettings, info: dict[str, Any]) -> NativeContext:
         answer = build_info(settings, info)
         full_text_default = answer.model_pipeline_tag in (None, "text-generation")
-        return cls(infer, answer, settings.compute_type, full_text_default)
+        return cls(infer, answer, settings.compute_type, full_text_default, settings.terms())
 
 
 def _context(request: Request) -> NativeContext:
@@ -113,7 +115,8 @@ def _context(request: Request) -> NativeContext:
 
 async def _run_generate(request: Request, req: GenerateRequest, as_list: bool) -> Response:
     context = _context(request)
-    finished, output = await until_disconnected(request, context.infer.generate(req))
+    terms = context.terms.read(request.headers)
+    finished, output = await until_disconnected(request, context.infer.generate(req, terms=terms))
     if not finished or output is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     body = output.response.model_dump_json()
@@ -126,7 +129,8 @@ async def _run_generate(request: Request, req: GenerateRequest, as_list: bool) -
 
 def _run_stream(request: Request, req: GenerateRequest) -> SSEResponse:
     context = _context(request)
-    events = sse_stream(context.infer.generate_stream(req))
+    terms = context.terms.read(request.headers)
+    events = sse_stream(context.infer.generate_stream(req, terms=terms))
     return SSEResponse(events, headers=stream_headers(req.inputs, context.compute_type))
 
 

@@ -62,6 +62,11 @@ class GrammarJsonSchema(_Strict):
 GrammarType = Annotated[GrammarJson | GrammarRegex | GrammarJsonSchema, Field(discriminator="type")]
 
 _Float = Annotated[float, Field(allow_inf_nan=False)]
+CacheSalt = Annotated[str, Field(min_length=1, max_length=1024)]
+CACHE_SALT_DOC = (
+    "Extension (vLLM's): requests share cached prompt blocks only with requests that carry the "
+    "same salt; give each tenant its own."
+)
 
 
 class GenerateParameters(_Strict):
@@ -144,6 +149,9 @@ class GenerateParameters(_Strict):
     # Extension (vLLM, llama.cpp): keep generating past the end-of-sequence token.
     ignore_eos: bool = Field(
         default=False, description="Do not stop at the end-of-sequence token (extension)."
+    )
+    cache_salt: CacheSalt | None = Field(
+        default=None, description=CACHE_SALT_DOC
     )
 
 

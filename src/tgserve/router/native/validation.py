@@ -184,6 +184,7 @@ def validate(
         decoder_input_details=params.decoder_input_details,
         truncate=params.truncate,
         add_special_tokens=add_special_tokens,
+        cache_salt=params.cache_salt.encode("utf-8", "surrogatepass") if params.cache_salt else b"",
     )
 
 

@@ -18,6 +18,7 @@ from tgserve.router.openai.schemas import (
     CompletionRequest,
     _Sampling,
 )
+from tgserve.router.terms import RequestTerms
 from tgserve.router.tokenization import RouterTokenizer
 from tgserve.router.types import ValidRequest
 
@@ -57,6 +58,11 @@ class Plan:
 
     def decoder(self) -> ChoiceDecoder:
         return ChoiceDecoder(self.stops, self.want_logprobs, self.discard_generated)
+
+    def with_terms(self, terms: RequestTerms) -> Plan:
+        """Every choice under the HTTP request's deadline and cache salt."""
+        choices = tuple(replace(c, request=terms.apply(c.request)) for c in self.choices)
+        return replace(self, choices=choices)
 
 
 @dataclass(frozen=True)
@@ -154,6 +160,7 @@ def _generate_parameters(
         decoder_input_details=prompt_details,
         details=True,
         ignore_eos=bool(req.ignore_eos),
+        cache_salt=req.cache_salt,
     )
 
 

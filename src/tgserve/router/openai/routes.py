@@ -54,6 +54,7 @@ from tgserve.router.openai.schemas import (
 )
 from tgserve.router.settings import RouterSettings
 from tgserve.router.streaming import SSEResponse
+from tgserve.router.terms import TermsPolicy
 from tgserve.router.types import GenerationError, IncompleteGenerationError, OverloadedError
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,7 @@ def openai_error(exc: BaseException) -> tuple[int, dict[str, Any]]:
 
 def error_json(exc: BaseException) -> JSONResponse:
     status, body = openai_error(exc)
-    headers = {"retry-after": "1"} if isinstance(exc, OverloadedError) else None
-    return JSONResponse(status_code=status, content=body, headers=headers)
+    return JSONResponse(status_code=status, content=body, headers=error_info(exc).headers())
 
 
 def _is_union_tag(part: str) -> bool:
@@ -249,6 +249,7 @@ class OpenAIContext:
     model_id: str
     compute_type: str
     created_at: int  # the models' `created`: when the server started
+    terms: TermsPolicy = TermsPolicy()
 
     @classmethod
     def create(
@@ -258,7 +259,7 @@ class OpenAIContext:
             infer.limits, settings.max_concurrent_requests, settings.max_client_batch_size
         )
         return cls(infer, template, caps, settings.model_id, settings.compute_type,
-                   int(time.time()))
+                   int(time.time()), settings.terms())
 
     def meta(self, prefix: str) -> _Meta:
         return _Meta(
@@ -345,8 +346,10 @@ open_routes = APIRouter(tags=["OpenAI"], route_class=OpenAIRoute)
 async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
     context = _context(request)
     infer = context.infer
+    terms = context.terms.read(request.headers)
     plan = await _plan_or_fail(infer, "", chat_plan, req, context.template, infer.tokenizer,
                                context.caps)
+    plan = plan.with_terms(terms)
     return await _execute(
         request, plan, "chatcmpl", chat_chunks, _whole_chat, plan.choices[0].request.inputs
     )
@@ -361,7 +364,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
 async def completions(req: CompletionRequest, request: Request) -> Response:
     context = _context(request)
     infer = context.infer
+    terms = context.terms.read(request.headers)
     plan = await _plan_or_fail(infer, "", completion_plan, req, infer.tokenizer, context.caps)
+    plan = plan.with_terms(terms)
     return await _execute(
         request, plan, "cmpl", completion_chunks, _whole_completion, plan.choices[0].request.inputs
     )

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tgserve.router.native.schemas import SimpleToken
+from tgserve.router.native.schemas import CACHE_SALT_DOC, CacheSalt, SimpleToken
 
 _Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
 _U64 = Annotated[int, Field(ge=0, le=2**64 - 1)]
@@ -92,6 +92,7 @@ class _Sampling(_Request):
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = Field(
         default=None, description="Extension (TGI): multiplicative penalty, 1.0 is off."
     )
+    cache_salt: CacheSalt | None = Field(default=None, description=CACHE_SALT_DOC)
 
 
 class ChatCompletionRequest(_Sampling):
