@@ -65,14 +65,16 @@ def test_sigterm_lets_a_streaming_request_finish(tiny_model_dir) -> None:  # typ
         assert started.wait(60)
         server.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
         time.sleep(0.3)
-        # While draining, new requests are refused with 503 instead of being dropped mid-way.
-        try:
-            refused = httpx.post(f"{server.url}/generate", timeout=10,
-                                 json={"inputs": "w1", "parameters": {"max_new_tokens": 2}})
-            if refused.status_code != 200:  # the stream may have finished already
-                assert refused.status_code == 503
-        except httpx.TransportError:
-            pass
+        # While draining, new requests get 503 + Retry-After: the port stays open until the
+        # requests in flight are done (a refused connection would tell a balancer nothing).
+        refused = httpx.post(f"{server.url}/generate", timeout=10,
+                             json={"inputs": "w1", "parameters": {"max_new_tokens": 2}})
+        ready = httpx.get(f"{server.url}/ready", timeout=10)
+        still_streaming = thread.is_alive()
+        assert still_streaming, "the stream ended before the checks: make it longer"
+        assert refused.status_code == 503 and "retry-after" in refused.headers
+        assert refused.json()["error_type"] == "unavailable"
+        assert ready.status_code == 503 and ready.json()["reason"] == "draining"
         thread.join(120)
         code = server.process.wait(timeout=60)  # type: ignore[union-attr]
     finally:

@@ -31,10 +31,13 @@ class Child:
 
     @classmethod
     def spawn(cls, name: str, argv: list[str], env: dict[str, str]) -> Child:
+        # A process group of its own: a Ctrl-C (or a `timeout`) that signals the launcher's whole
+        # group would otherwise stop the shards at once, under the requests the router drains.
+        # The launcher stops its children itself, router first.
         process = subprocess.Popen(
             argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-            text=True, errors="replace", bufsize=1,
+            process_group=0, text=True, errors="replace", bufsize=1,
         )
         child = cls(name, process)
         threading.Thread(target=child._relay, name=f"relay-{name}", daemon=True).start()

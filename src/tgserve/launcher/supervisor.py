@@ -99,7 +99,10 @@ class Supervisor:
                     f"(waiting for {sorted(pending)}); raise --shard-ready-timeout"
                 )
             if time.monotonic() - last_note > 10:
-                log.info("waiting for %d shard(s) to be ready...", len(pending))
+                log.info("waiting for %d shard(s) to load the model (%.0fs so far, up to "
+                         "--shard-ready-timeout %ds)", len(pending),
+                         time.monotonic() - deadline + config.shard_ready_timeout,
+                         config.shard_ready_timeout)
                 last_note = time.monotonic()
             time.sleep(0.1)
         log.info("shards ready")

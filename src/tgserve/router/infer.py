@@ -157,6 +157,15 @@ class Infer:
             logger.exception("backend health check failed")
             return False
 
+    async def readiness(self) -> str | None:
+        """Why no request should be sent here now (None: ready): the shards' health, and the
+        scheduler's own verdict (a stalled step) where the backend has one."""
+        verdict = getattr(self.backend, "readiness", None)
+        reason = verdict() if verdict is not None else None
+        if reason is None and not await self.health():
+            reason = (verdict() if verdict is not None else None) or "shard_unreachable"
+        return reason
+
     async def tokenize(self, req: GenerateRequest) -> list[schemas.SimpleToken]:
         try:
             tokens = await self.tokenizer.tokenize_async(req.inputs, True)

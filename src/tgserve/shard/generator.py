@@ -393,7 +393,10 @@ def warmup(
     # proves nothing about the KV capacity and costs seconds on a CPU.
     requests = [replace(r, prefill_logprobs=False) for r in requests]
     if requests:
+        log.info("warmup: a prefill of %d tokens in %d request(s) into %d KV blocks...",
+                 sum(len(r.input_ids) for r in requests), len(requests), num_blocks)
         _, batch, _ = generator.prefill(2**63 - 1, requests)
+        log.info("warmup: prefill done in %.1fs, then one decode step", time.perf_counter() - start)
         if batch is not None:
             generator.decode([batch.id])
     generator.clear()

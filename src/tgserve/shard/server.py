@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 import grpc
@@ -19,7 +20,7 @@ from tgserve.env import rank as env_rank
 from tgserve.memory import recycle_step_buffers, release_free_memory
 from tgserve.pb import generate_pb2_grpc as pb_grpc
 from tgserve.shard.generator import Generator
-from tgserve.shard.kernels import TORCH_OPS
+from tgserve.shard.kernels import TORCH_OPS, select_ops
 from tgserve.shard.loading.loaders import DTYPES, load_model
 from tgserve.shard.sampling.params import Watermark
 from tgserve.shard.service import ShardSettings, TextGenerationService
@@ -91,9 +92,15 @@ async def serve(config: Config, rank: int) -> None:
     assert config.model_path is not None, "the launcher resolves the model before the shards"
     model_path = Path(config.model_path)
     gguf_file = Path(config.gguf_file) if config.gguf_file else None
-    # Without the flag, load_model picks the kernels for this device (and builds them now, not
-    # during a request).
-    kernels = TORCH_OPS if config.disable_custom_kernels else None
+    kernels = TORCH_OPS
+    if not config.disable_custom_kernels:
+        # Built (or loaded from the cache) now, not during a request; a first build takes a while.
+        began = time.perf_counter()
+        log.info("shard %d: preparing the kernels for this device", rank)
+        kernels = select_ops(device)
+        log.info("shard %d: %s kernels ready in %.1fs", rank, kernels.name,
+                 time.perf_counter() - began)
+    log.info("shard %d: loading %s", rank, gguf_file.name if gguf_file else model_path)
     model = load_model(model_path, device, config.dtype, rank, config.world_size,
                        gguf_file=gguf_file, kernels=kernels)
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 
 from tgserve import __version__
 from tgserve.router.infer import GenerateOutput, Infer
+from tgserve.router.lifecycle import READY_PATH, RETRY_AFTER_S, not_ready_body
 from tgserve.router.middleware import CLIENT_CLOSED_REQUEST, until_disconnected
 from tgserve.router.native.schemas import (
     CompatGenerateRequest,
@@ -21,6 +22,8 @@ from tgserve.router.native.schemas import (
     GenerateRequest,
     GenerateResponse,
     Info,
+    NotReady,
+    Readiness,
     SimpleToken,
     StreamResponse,
 )
@@ -195,6 +198,14 @@ async def health(request: Request) -> Response:
     )
 
 
+async def ready(request: Request) -> Response:
+    reason = await _context(request).infer.readiness()
+    if reason is None:
+        return JSONResponse({"ready": True, "reason": None})
+    return JSONResponse(status_code=503, headers={"retry-after": str(RETRY_AFTER_S)},
+                        content=not_ready_body(reason, f"not ready: {reason}"))
+
+
 HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "Everything is working fine"},
     503: {"model": ErrorResponse, "description": "Text generation inference is down"},
@@ -205,6 +216,15 @@ open_routes.add_api_route(
     methods=["GET"],
     responses=HEALTH_RESPONSES,
     summary="Health check method",
+)
+open_routes.add_api_route(
+    READY_PATH,
+    ready,
+    methods=["GET"],
+    response_model=Readiness,
+    responses={503: {"model": NotReady, "description": "Not ready, and why: warming_up, "
+                     "draining, shard_unreachable or engine_stalled"}},
+    summary="Readiness: whether to send requests here now, and why not",
 )
 for _path in ("/", "/ping"):
     open_routes.add_api_route(

@@ -231,6 +231,18 @@ class SimpleToken(BaseModel):
     stop: int
 
 
+class Readiness(BaseModel):
+    ready: bool = Field(examples=[True])
+    reason: str | None = None
+
+
+class NotReady(BaseModel):
+    ready: bool = Field(examples=[False])
+    reason: str = Field(examples=["warming_up"])
+    error: str
+    error_type: str = Field(examples=["unavailable"])
+
+
 class ErrorResponse(BaseModel):
     error: str
     error_type: str
