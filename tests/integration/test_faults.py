@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 import time
@@ -79,6 +80,12 @@ def test_sigterm_lets_a_streaming_request_finish(tiny_model_dir) -> None:  # typ
         code = server.process.wait(timeout=60)  # type: ignore[union-attr]
     finally:
         server.stop()
+    # Start-up said what it was doing (kernels, loading, warmup) and where each limit came from.
+    log = server.log(lines=10_000)
+    for said in ("kernels ready in", "warmup: a prefill of", "the shards are warm after"):
+        assert said in log, said
+    assert re.search(r"max_total_tokens +512 +flag", log)
+    assert re.search(r"max_input_tokens +\d+ +warmup", log)
     assert events[-1]["details"]["generated_tokens"] == 400
     assert events[-1]["details"]["finish_reason"] == "length"
     assert len(events) == 400
