@@ -250,7 +250,8 @@ def _responses(paths: JSON, protected: frozenset[str] | None) -> None:
     models = paths["/v1/models/{name}"]["get"]["responses"]
     models.clear()
     models["200"] = _error("The served model", {"$ref": "#/components/schemas/ModelCard"})
-    models["404"] = _error("No model of that name", _OPENAI_ERROR)
+    # A name the path converter does not match (a newline, nothing) is the router's own 404.
+    models["404"] = _error("No model of that name", {"anyOf": [_OPENAI_ERROR, _TGI_ERROR]})
     tokenize = paths["/tokenize"]["post"]["requestBody"]["content"]["application/json"]
     tokenize["schema"] = {"$ref": "#/components/schemas/TokenizeRequest"}
     chat_tokenize = paths["/chat_tokenize"]["post"]["requestBody"]["content"]["application/json"]
