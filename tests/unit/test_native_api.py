@@ -491,9 +491,11 @@ def test_health(app: tuple[TestClient, FakeBackend], path: str) -> None:
 def test_api_key(tokenizer: RouterTokenizer) -> None:
     app, backend, _ = build(tokenizer, api_key="Secret-Key")
     client = TestClient(app)
-    for path in ("/generate", "/generate_stream", "/", "/tokenize"):
+    for path in ("/generate", "/generate_stream", "/", "/tokenize", "/chat_tokenize"):
         missing = client.post(path, json={"inputs": "hello"})
-        assert missing.status_code == 401 and missing.content == b""
+        assert missing.status_code == 401
+        assert missing.json()["error_type"] == "authentication" and missing.json()["error"]
+        assert missing.headers["www-authenticate"] == "Bearer"
         wrong = client.post(
             path, json={"inputs": "hello"}, headers={"Authorization": "Bearer other"}
         )
@@ -698,3 +700,57 @@ def test_uvicorn_serves_http_with_httptools() -> None:
     config = uvicorn.Config(lambda scope, receive, send: None, lifespan="off")
     config.load()
     assert config.http_protocol_class is HttpToolsProtocol
+
+
+# ---- the OpenAPI document says what the server does ------------------------------------------
+
+
+def test_openapi_documents_media_types_and_statuses(tokenizer: RouterTokenizer) -> None:
+    app, _, _ = build(tokenizer)
+    paths = TestClient(app).get("/api-doc/openapi.json").json()["paths"]
+    stream = paths["/generate_stream"]["post"]["responses"]
+    assert list(stream["200"]["content"]) == ["text/event-stream"]
+    assert set(paths["/"]["post"]["responses"]["200"]["content"]) == {
+        "application/json", "text/event-stream"
+    }
+    assert "content" not in paths["/health"]["get"]["responses"]["200"]
+    assert {"400", "413", "415", "422"} <= set(paths["/tokenize"]["post"]["responses"])
+    assert "404" in paths["/v1/models/{name}"]["get"]["responses"]
+    assert "401" not in stream and "security" not in paths["/generate"]["post"]
+
+
+def test_openapi_states_the_validation_limits(tokenizer: RouterTokenizer) -> None:
+    app, _, _ = build(tokenizer, max_stop_sequences=3, max_best_of=2)
+    schemas = TestClient(app).get("/api-doc/openapi.json").json()["components"]["schemas"]
+    params = schemas["GenerateParameters"]["properties"]
+    assert params["truncate"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 100}
+    assert params["stop"]["anyOf"][0]["maxItems"] == 3
+    assert params["best_of"]["anyOf"][0]["maximum"] == 2
+    assert params["seed"]["anyOf"][0]["maximum"] == 2**64 - 1
+    assert schemas["GenerateRequest"]["properties"]["inputs"]["minLength"] == 1
+    # /tokenize reads the text only: empty inputs and unchecked parameters are fine there.
+    assert "minLength" not in schemas["TokenizeRequest"]["properties"]["inputs"]
+    content = schemas["ChatMessage"]["properties"]["content"]
+    assert {"type": "null"} not in content["anyOf"]
+    logprobs = schemas["CompletionRequest"]["properties"]["logprobs"]["anyOf"][0]
+    assert logprobs["maximum"] == 5  # --max-top-n-tokens, not OpenAI's 20
+
+
+def test_openapi_documents_the_api_key(tokenizer: RouterTokenizer) -> None:
+    app, _, _ = build(tokenizer, api_key="k")
+    spec = TestClient(app).get("/api-doc/openapi.json").json()
+    assert spec["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
+    for path in ("/generate", "/tokenize", "/chat_tokenize", "/v1/chat/completions"):
+        operation = spec["paths"][path]["post"]
+        assert "401" in operation["responses"] and operation["security"], path
+    assert "security" not in spec["paths"]["/info"]["get"]
+
+
+def test_integral_floats_are_integers(app: tuple[TestClient, FakeBackend]) -> None:
+    client, backend = app
+    body = {"inputs": "hello", "parameters": {"max_new_tokens": 2.0, "seed": 1e3}}
+    assert client.post("/generate", json=body).status_code == 200
+    assert backend.requests[0].stopping.max_new_tokens == 2
+    body["parameters"]["max_new_tokens"] = 2.5
+    answer = client.post("/generate", json=body)
+    assert answer.status_code == 422 and answer.json()["error_type"] == "validation"

@@ -670,3 +670,19 @@ def test_disconnect_cancels_every_choice(tokenizer: RouterTokenizer, stream: boo
     asyncio.run(scenario())
     assert backend.closed == 2 and infer.limiter.in_flight == 0
     assert sent[0]["status"] == (200 if stream else 499)
+
+
+def test_unreadable_body_is_a_400_in_openai_shape(tokenizer: RouterTokenizer) -> None:
+    client, _ = client_for(tokenizer, pieces(" a"))
+    for path in ("/v1/chat/completions", "/v1/completions", "/chat_tokenize"):
+        answer = client.post(path, content=b'{"prompt": "\xff"}',
+                             headers={"content-type": "application/json"})
+        assert answer.status_code == 400, path
+        assert answer.json()["error"]["type"] == "invalid_request_error", path
+
+
+def test_logit_bias_key_with_a_non_ascii_digit_is_a_400(tokenizer: RouterTokenizer) -> None:
+    client, _ = client_for(tokenizer, pieces(" a"))
+    body = {"prompt": "hello", "logit_bias": {"\u00b2": 1.0}}
+    answer = client.post("/v1/completions", json=body)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "logit_bias"

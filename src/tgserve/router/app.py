@@ -10,6 +10,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from tgserve import __version__
+from tgserve.router import contract
 from tgserve.router.chat import ChatTemplate, load_chat_template
 from tgserve.router.errors import install_error_handlers
 from tgserve.router.infer import Infer
@@ -27,6 +28,7 @@ PROTECTED_POST_PATHS = frozenset(
         "/generate",
         "/generate_stream",
         "/tokenize",
+        "/chat_tokenize",
         "/v1/chat/completions",
         "/v1/completions",
         "/invocations",
@@ -61,6 +63,12 @@ def create_app(
     template = chat_template or load_chat_template(None, infer.tokenizer.tokenizer)
     app.state.native = native.NativeContext.create(infer, settings, info)
     app.state.openai = openai.OpenAIContext.create(infer, settings, template)
+    contract.install(
+        app,
+        app.state.openai.caps,
+        infer.tokenizer.tokenizer,
+        PROTECTED_POST_PATHS if settings.api_key else None,
+    )
     app.include_router(native.generation_routes)
     app.include_router(native.open_routes)
     app.include_router(openai.generation_routes)

@@ -9,7 +9,7 @@ from typing import TypeVar
 
 import anyio
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tgserve.router.errors import PayloadTooLargeError, error_info
@@ -38,7 +38,13 @@ class ApiKeyMiddleware:
             given = dict(scope["headers"]).get(b"authorization", b"")
             given = given.decode("utf-8", "replace").lower().encode("utf-8")
             if not hmac.compare_digest(given, self.expected):
-                await Response(status_code=401)(scope, receive, send)
+                # TGI answers an empty body; clients and the OpenAPI document want the error shape.
+                body = {"error": "Unauthorized: a valid `Authorization: Bearer <key>` header is "
+                        "required", "error_type": "authentication"}
+                answer = JSONResponse(
+                    status_code=401, content=body, headers={"www-authenticate": "Bearer"}
+                )
+                await answer(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tgserve.router.types import FinishReason
 
 _U32_MAX = 2**32 - 1
 _U64_MAX = 2**64 - 1
+
+
+def integral(value: Any) -> Any:
+    """5.0 (or 1e3) as an int, in lists too: to JSON Schema, and so to the OpenAPI document, 5.0
+    is an integer. 5.5 and "5" are left for the strict int check to refuse."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [integral(v) for v in value]
+    return value
 
 
 def _is_empty(value: Any) -> bool:
@@ -153,6 +163,13 @@ class GenerateParameters(_Strict):
     cache_salt: CacheSalt | None = Field(
         default=None, description=CACHE_SALT_DOC
     )
+
+    @field_validator(
+        "best_of", "top_k", "max_new_tokens", "truncate", "seed", "top_n_tokens", mode="before"
+    )
+    @classmethod
+    def _integral(cls, value: Any) -> Any:
+        return integral(value)
 
 
 def _default_parameters() -> GenerateParameters:

@@ -167,7 +167,8 @@ def _generate_parameters(
 def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float]:
     out: dict[int, float] = {}
     for key, value in (bias or {}).items():
-        if not key.strip().isdigit() or int(key) >= vocab_size:
+        # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+        if not re.fullmatch(r"[0-9]+", key) or int(key) >= vocab_size:
             raise RequestError(
                 f"logit_bias keys must be token ids below the vocabulary size {vocab_size}; "
                 f"got {key!r}",

@@ -133,8 +133,12 @@ class OpenAIRoute(APIRoute):
                 return await handler(request)
             except RequestValidationError as exc:
                 return error_json(body_error(list(exc.errors())))
-            except HTTPException:
-                raise
+            except HTTPException as exc:
+                if exc.status_code != 400:
+                    raise
+                # FastAPI's answer to a body it cannot decode (not UTF-8), in OpenAI's shape.
+                return error_json(RequestError(f"the request body is unreadable: {exc.detail}",
+                                               None, "invalid_body"))
             except Exception as exc:
                 if not isinstance(exc, (ValidationError, OverloadedError)):
                     log.exception("%s %s failed", request.method, request.url.path)
@@ -401,7 +405,7 @@ async def model(name: str, request: Request) -> Response:
     return JSONResponse(card.model_dump())
 
 
-@open_routes.post(
+@generation_routes.post(
     "/chat_tokenize",
     response_model=ChatTokenizeResponse,
     responses=ERROR_DOCS,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tgserve.router.native.schemas import CACHE_SALT_DOC, CacheSalt, SimpleToken
+from tgserve.router.native.schemas import CACHE_SALT_DOC, CacheSalt, SimpleToken, integral
 
 _Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
 _U64 = Annotated[int, Field(ge=0, le=2**64 - 1)]
@@ -94,6 +94,11 @@ class _Sampling(_Request):
     )
     cache_salt: CacheSalt | None = Field(default=None, description=CACHE_SALT_DOC)
 
+    @field_validator("max_tokens", "n", "seed", "top_k", mode="before")
+    @classmethod
+    def _integral(cls, value: Any) -> Any:
+        return integral(value)
+
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(
@@ -124,6 +129,11 @@ class ChatCompletionRequest(_Sampling):
     verbosity: Any = None
     tool_prompt: Any = None
 
+    @field_validator("max_completion_tokens", "top_logprobs", mode="before")
+    @classmethod
+    def _integral_chat(cls, value: Any) -> Any:
+        return integral(value)
+
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
@@ -140,6 +150,11 @@ class CompletionRequest(_Sampling):
     suffix: str | None = Field(
         default=None, description="Fill-in-the-middle; only for models with FIM tokens."
     )
+
+    @field_validator("prompt", "logprobs", "best_of", mode="before")
+    @classmethod
+    def _integral_completion(cls, value: Any) -> Any:
+        return integral(value)
 
 
 # ---------------------------------------------------------------- responses
