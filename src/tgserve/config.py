@@ -26,6 +26,10 @@ QUANTIZE_METHODS = (
 WARMUP_PREFILL_TOKENS = 4096
 WARMUP_BATCH_TOTAL_TOKENS = 16000
 
+# TGI's default --shard-uds-path. TGI uses it as it is, so two servers on one host share their
+# shards' sockets; tgserve appends the router's port (default_shard_uds_path).
+SHARD_UDS_PREFIX = "/tmp/text-generation-server"
+
 
 class ConfigError(ValueError):
     """A flag value that cannot be served; the launcher exits with this message."""
@@ -118,11 +122,13 @@ class Config:
         None, "Shard the model across devices", parse=parse_bool, used_by=(LAUNCHER,))
     num_shard: int | None = _flag(
         None, "Tensor-parallel shards (processes)", parse=positive(int), used_by=(LAUNCHER,))
-    shard_uds_path: str = _flag(
-        "/tmp/text-generation-server", "Shard unix socket prefix",
+    shard_uds_path: str | None = _flag(
+        None, f"Shard unix socket prefix (unset: {SHARD_UDS_PREFIX}-3000 for --port 3000)",
         used_by=(LAUNCHER, ROUTER, SHARD))
     master_addr: str = _flag("localhost", "torch.distributed address", used_by=(SHARD,))
-    master_port: int = _flag(29500, "torch.distributed port", parse=int, used_by=(SHARD,))
+    master_port: int | None = _flag(
+        None, "torch.distributed port (unset: a free port, one per server)", parse=int,
+        used_by=(LAUNCHER, SHARD))
     cuda_memory_fraction: float = _flag(
         1.0, "Share of device memory the shards may use", parse=float, used_by=(SHARD,))
     cuda_graphs: str | None = _flag(
@@ -227,6 +233,7 @@ class Config:
     # -- derived values --------------------------------------------------------------------------
 
     def shard_socket(self, rank: int) -> str:
+        assert self.shard_uds_path is not None, "the launcher resolves --shard-uds-path first"
         return f"{self.shard_uds_path}-{rank}"
 
     @property
@@ -289,6 +296,17 @@ class Config:
             if isinstance(known[name].default, tuple):
                 data[name] = tuple(value)
         return cls(**data)
+
+
+def default_shard_uds_path(port: int) -> str:
+    """The socket prefix of a server started without --shard-uds-path.
+
+    Derived from the router's port, not the process id: two live routers on a host rarely share
+    a port (only on different --hostname addresses, and then the second finds the first's
+    sockets answering and stops), and a restart on the same port removes what a crashed run of
+    itself left instead of leaving one more file per run in /tmp.
+    """
+    return f"{SHARD_UDS_PREFIX}-{port}"
 
 
 def flag_fields() -> list[tuple[dataclasses.Field[Any], Flag]]:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from tgserve.config import default_shard_uds_path
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -28,17 +30,28 @@ class LaunchedServer:
     port: int = field(default_factory=free_port)
     log_path: Path = field(default_factory=lambda: Path(tempfile.mkstemp(suffix=".log")[1]))
     uds: str = field(default_factory=lambda: tempfile.mktemp(prefix="tgs-", dir="/tmp"))
+    # False: no --shard-uds-path nor --master-port, as a user would start it; the launcher picks
+    # this server's own (see `socket_prefix`).
+    own_socket_flags: bool = True
     process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def socket_prefix(self) -> str:
+        return self.uds if self.own_socket_flags else default_shard_uds_path(self.port)
+
     def start(self, timeout: float = 600) -> LaunchedServer:
         argv = [sys.executable, "-m", "tgserve.cli", *self.args, "--hostname", "127.0.0.1",
-                "--port", str(self.port), "--prometheus-port", str(free_port()),
-                "--shard-uds-path", self.uds, "--master-port", str(free_port())]
+                "--port", str(self.port), "--prometheus-port", str(free_port())]
+        if self.own_socket_flags:
+            argv += ["--shard-uds-path", self.uds, "--master-port", str(free_port())]
         env = {**os.environ, "TQDM_DISABLE": "1", **self.env}
+        if not self.own_socket_flags:
+            for variable in ("SHARD_UDS_PATH", "MASTER_PORT"):  # they would set the flags
+                env.pop(variable, None)
         self.process = subprocess.Popen(argv, stdout=self.log_path.open("w"),
                                         stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout

@@ -7,6 +7,7 @@ core's batch types, as it does in the server.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -420,7 +421,8 @@ def test_decode_failure_fails_its_requests_and_the_server_keeps_serving() -> Non
         def fail(method: str, ids: list[int]) -> Exception | None:
             if method == "decode" and len(client.decodes()) == 2 and not failed_once:
                 failed_once.append(True)
-                return RuntimeError("CUDA out of memory")
+                # What the shard client raises for the shard's own error: its words reach clients.
+                return GenerationError("OutOfMemoryError: CUDA out of memory")
             return None
 
         client.fail = fail
@@ -439,6 +441,23 @@ def test_decode_failure_fails_its_requests_and_the_server_keeps_serving() -> Non
         assert isinstance(events[-1], EndEvent)
 
     run(main())
+
+
+def test_an_unexpected_step_error_reaches_clients_without_its_text(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        scheduler, client = make()
+        client.fail = lambda method, ids: OSError("unix:/tmp/tgs-secret-0: No such file")
+        scheduler.start()
+        with pytest.raises(GenerationError) as failed:
+            await collect(scheduler.schedule(req(4, 3)))
+        await scheduler.stop()
+        assert str(failed.value) == "the model shard failed"
+
+    with caplog.at_level(logging.ERROR):
+        run(main())
+    assert "unix:/tmp/tgs-secret-0" in caplog.text  # the operator still reads it
 
 
 def test_prefill_failure_of_a_joining_batch_spares_the_running_one() -> None:

@@ -4,6 +4,8 @@ conversions between the core's batch types and protobuf."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,9 +19,11 @@ from tgserve.pb import generate_pb2 as pb
 from tgserve.pb import generate_pb2_grpc
 from tgserve.router.core.batch import Batch, BatchRequest, CachedBatch, generation_events
 from tgserve.router.core.blocks import BlockAllocation
+from tgserve.router.errors import error_info
 from tgserve.router.shard_client import (
     CoreShardClient,
     ShardClient,
+    open_channel,
     to_cached_batch,
     to_generation,
     to_pb_cached_batch,
@@ -138,6 +142,34 @@ async def two_ranks(
 
 def run(coro: Any) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout=30))
+
+
+def test_an_unreachable_shard_is_named_to_clients_without_its_socket_path(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """gRPC's own details name the socket path (`unix:/tmp/...: No such file or directory`):
+    the router's log keeps them, the 424 body does not."""
+    socket_path = str(tmp_path / "gone-0")
+
+    async def main() -> GenerationError:
+        client = ShardClient([open_channel(socket_path)])
+        try:
+            with pytest.raises(GenerationError) as failed:
+                await client.health()
+        finally:
+            await client.close()
+        return failed.value
+
+    with caplog.at_level(logging.ERROR, logger="tgserve.router.shard_client"):
+        error = run(main())
+    assert isinstance(error.__cause__, grpc.aio.AioRpcError)
+    assert error.__cause__.code() == grpc.StatusCode.UNAVAILABLE
+    assert socket_path in caplog.text and "UNAVAILABLE" in caplog.text
+    info = error_info(error)
+    body = json.dumps(info.body())
+    assert info.status == 424 and "unix:" not in body and str(tmp_path) not in body
+    assert info.body() == {"error": "Request failed during generation: "
+                                    "the model shard is unreachable", "error_type": "generation"}
 
 
 def test_two_ranks_fan_out_and_merge(tmp_path: Path) -> None:

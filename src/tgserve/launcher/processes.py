@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -74,6 +74,20 @@ def python_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "tgserve.cli", *args]
 
 
-def remove_stale(path: str) -> None:
-    if os.path.exists(path):
-        os.remove(path)
+def free_tcp_port() -> int:
+    """A TCP port no one listens on now, on any address (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def tcp_port_in_use(port: int) -> bool:
+    """Whether binding the port fails. SO_REUSEADDR as torch.distributed's store sets it: a port
+    left in TIME_WAIT by a stopped server is free to it, one that something listens on is not."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return True
+    return False

@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 from tgserve import env as environment
-from tgserve.config import Config
+from tgserve import uds
+from tgserve.config import Config, default_shard_uds_path
 from tgserve.isolated import in_child_process
-from tgserve.launcher.processes import Child, python_command, remove_stale
+from tgserve.launcher.processes import Child, free_tcp_port, python_command, tcp_port_in_use
 from tgserve.launcher.source import ModelSource
 
 log = logging.getLogger("tgserve.launcher")
@@ -35,12 +36,37 @@ def router_command(config: Config) -> tuple[list[str], dict[str, str]]:
 
 
 def resolved(config: Config, source: ModelSource, world_size: int) -> Config:
-    """The configuration the children get: the flags plus what the launcher found."""
+    """The configuration the children get: the flags plus what the launcher found.
+
+    The shards' socket prefix and torch.distributed port, unless given, are this server's own:
+    TGI's fixed defaults would make a second server on the host take over the first's.
+    """
     return dataclasses.replace(
         config, model_name=source.model_id, model_path=str(source.path),
         gguf_file=str(source.gguf_file) if source.gguf_file is not None else None,
         world_size=world_size,
+        shard_uds_path=config.shard_uds_path or default_shard_uds_path(config.port),
+        master_port=config.master_port if config.master_port is not None else free_tcp_port(),
     )
+
+
+def claim_sockets(config: Config) -> None:
+    """Remove what stopped servers left at the shards' socket paths, and refuse to start (before
+    anything is spawned) if a live server answers at any of them."""
+    for rank in range(config.world_size):
+        path = config.shard_socket(rank)
+        try:
+            uds.remove_stale(path)
+        except uds.SocketInUse as e:
+            raise LauncherError(f"--shard-uds-path {config.shard_uds_path}: {e}") from e
+        except OSError as e:
+            raise LauncherError(f"--shard-uds-path {config.shard_uds_path}: cannot remove "
+                                f"{path}: {e}") from e
+    if config.world_size > 1 and config.master_port is not None and tcp_port_in_use(
+        config.master_port
+    ):
+        raise LauncherError(f"--master-port {config.master_port} is in use by another process; "
+                            "give another, or leave it unset for a free one")
 
 
 class Supervisor:
@@ -48,6 +74,8 @@ class Supervisor:
         self.config = config
         self.children: list[Child] = []
         self.stopping = threading.Event()
+        # Each shard's socket as it was bound: (child name, path, identity).
+        self.sockets: list[tuple[str, str, uds.Identity | None]] = []
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -84,8 +112,8 @@ class Supervisor:
         return 1
 
     def _start_shards(self, config: Config) -> None:
+        claim_sockets(config)
         for rank in range(config.world_size):
-            remove_stale(config.shard_socket(rank))
             self.children.append(Child.spawn(f"shard-{rank}", *shard_command(config, rank)))
         deadline = time.monotonic() + config.shard_ready_timeout
         pending = {config.shard_socket(r) for r in range(config.world_size)}
@@ -105,6 +133,8 @@ class Supervisor:
                          config.shard_ready_timeout)
                 last_note = time.monotonic()
             time.sleep(0.1)
+        paths = [config.shard_socket(r) for r in range(config.world_size)]
+        self.sockets = [(f"shard-{r}", p, uds.identity(p)) for r, p in enumerate(paths)]
         log.info("shards ready")
 
     def _check_children(self) -> None:
@@ -115,9 +145,31 @@ class Supervisor:
                     f"{child.name} exited with code {code}; its last lines:\n{child.last_lines()}"
                 )
 
+    def _check_sockets(self) -> None:
+        """The router reaches each shard by its socket's path, reconnecting by it too: a shard
+        whose socket was removed (or bound anew by another process) is lost to it for good."""
+        for name, path, bound in self.sockets:
+            now = uds.identity(path)
+            if now == bound and uds.answers(path):
+                continue
+            self._check_children()  # a shard that died says so better by its exit code
+            if now is None:
+                raise LauncherError(f"{name}'s socket {path} was removed (by another process?): "
+                                    "the router can no longer reach it")
+            if now != bound:
+                raise LauncherError(f"{name}'s socket {path} was replaced by another process's: "
+                                    "the router would reach the wrong shard")
+            raise LauncherError(f"{name} no longer answers on its socket {path}")
+
     def _watch(self) -> int:
+        # Child exits are noticed within a tick; the sockets, which need a stat and a connect
+        # each, every few ticks.
+        tick = 0
         while not self.stopping.is_set():
             self._check_children()
+            if tick % 10 == 0:
+                self._check_sockets()
+            tick += 1
             time.sleep(0.1)
         return self._shutdown(0)
 

@@ -7,6 +7,7 @@ wraps it for the scheduler and warmup, converting the core's batch types to and 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from tgserve.router.core.batch import (
     StepResult,
     WarmupResult,
 )
+from tgserve.router.core.scheduler import SHARD_FAILED
 from tgserve.router.types import FinishReason, GeneratedText, GenerationError, ShardInfo, Token
 
 # Batches of long prompts with prefill logprobs exceed gRPC's 4 MiB default by far.
@@ -32,6 +34,8 @@ CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", MAX_MESSAGE_LENGTH),
     ("grpc.max_receive_message_length", MAX_MESSAGE_LENGTH),
 )
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Stub = generate_pb2_grpc.TextGenerationServiceStub
@@ -90,7 +94,7 @@ class ShardClient:
         try:
             return list(await asyncio.gather(*(call(stub) for stub in self._stubs)))
         except grpc.aio.AioRpcError as err:
-            raise GenerationError(err.details() or str(err.code())) from err
+            raise shard_error(err) from err
 
     async def service_discovery(self) -> list[str]:
         answers = await self._all(
@@ -176,7 +180,7 @@ class ShardClient:
             if len(errors) < len(answers) or not all(_unimplemented(e) for e in errors):
                 first = errors[0]
                 if isinstance(first, grpc.aio.AioRpcError):
-                    raise GenerationError(first.details() or str(first.code())) from first
+                    raise shard_error(first) from first
                 raise first
         return _merge(await self._all(lambda s: s.Decode(request, metadata=metadata)))
 
@@ -203,6 +207,23 @@ class ShardClient:
         stream, self._decode_streams[rank] = self._decode_streams[rank], None
         if stream is not None:
             stream.cancel()
+
+
+# The codes the shard's service aborts with, their details its own words for the client (TGI's
+# "Server error: ..."). Every other code comes from gRPC itself, whose details name internal
+# addresses, such as the shard's socket path: the router's log gets them, clients never do.
+_SHARD_WORDS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL})
+
+
+def shard_error(err: grpc.aio.AioRpcError) -> GenerationError:
+    """What a client may read of a failed call to the shards; the whole of it goes to the log."""
+    code = err.code()
+    log.error("shard call failed: %s: %s", code.name, err.details())
+    if code in _SHARD_WORDS and err.details():
+        return GenerationError(err.details())
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return GenerationError("the model shard is unreachable")
+    return GenerationError(SHARD_FAILED)
 
 
 def _unimplemented(error: BaseException) -> bool:

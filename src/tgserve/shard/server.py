@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer, GenerationConfig
 
+from tgserve import uds
 from tgserve.config import Config
 from tgserve.env import child_config, decode_ahead_max_batch, prefix_caching
 from tgserve.env import rank as env_rank
@@ -127,10 +127,12 @@ async def serve(config: Config, rank: int) -> None:
         TextGenerationService(generator, settings, tracing.tracer if tracing else None), server
     )
     socket = config.shard_socket(rank)
-    if os.path.exists(socket):
-        os.remove(socket)
+    # The launcher checked before it spawned this shard; another server's shard may have bound
+    # the path since, while this one loaded its model.
+    uds.remove_stale(socket)
     server.add_insecure_port(f"unix://{socket}")
     await server.start()
+    bound = uds.identity(socket)
     log.info("shard %d/%d ready on unix://%s", rank, config.world_size, socket)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -141,8 +143,7 @@ async def serve(config: Config, rank: int) -> None:
     await server.stop(grace=2)
     if tracing is not None:
         tracing.shutdown()
-    if os.path.exists(socket):
-        os.remove(socket)
+    uds.remove_own(socket, bound)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,5 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # progress bars would flood the launcher's log
 
     setup_logging(json_output=config.json_output, component=f"shard-{rank}")
-    asyncio.run(serve(config, rank))
+    try:
+        asyncio.run(serve(config, rank))
+    except uds.SocketInUse as e:
+        log.error("--shard-uds-path %s: %s", config.shard_uds_path, e)
+        return 1
     return 0

@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -16,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tgserve import env
+from tgserve import env, uds
 from tgserve.benchmark.cli import parse_concurrency
 from tgserve.benchmark.shard.measure import (
     BatchSizeResult,
@@ -28,7 +27,7 @@ from tgserve.benchmark.shard.measure import (
 )
 from tgserve.config import KV_CACHE_DTYPES, Config, parse_bytes
 from tgserve.launcher import supervisor
-from tgserve.launcher.processes import Child, remove_stale
+from tgserve.launcher.processes import Child
 from tgserve.launcher.weights import resolve_model
 from tgserve.router.shard_client import ShardClient
 from tgserve.router.types import GenerationError
@@ -64,17 +63,11 @@ def build_config(args: argparse.Namespace) -> ShardBenchConfig:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def shard_config(args: argparse.Namespace, uds_base: str) -> Config:
     """The launcher's configuration of a one-rank shard for --model-id, defaults elsewhere."""
     source = resolve_model(args.model_id, None, None, env.cache_dir())
     config = Config(
-        shard_uds_path=uds_base, master_port=_free_port(), threads=args.threads,
+        shard_uds_path=uds_base, threads=args.threads,
         dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
         kv_cache_dtype=args.kv_cache_dtype,
     )
@@ -86,7 +79,7 @@ def started_shard(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
     """Spawns the shard, waits for its socket; yields (socket, model id); stops it at the end."""
     uds_base = os.path.join(tempfile.gettempdir(), f"tgserve-shard-bench-{os.getpid()}")
     socket_path = f"{uds_base}-0"
-    remove_stale(socket_path)
+    uds.remove_stale(socket_path)
     config = shard_config(args, uds_base)
     model_id = config.model_name
     # The launcher's own shard command and environment.

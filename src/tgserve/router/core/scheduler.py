@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 U64_MAX = 2**64 - 1
 # Any id below every vocabulary size: warmup and the liveness check only need a valid token.
 DUMMY_TOKEN_ID = 0
+# What clients read when a step fails for a reason not meant for them (the log has it whole).
+SHARD_FAILED = "the model shard failed"
 
 
 @dataclass(frozen=True)
@@ -368,9 +370,9 @@ class Scheduler:
                 await self._serve_queue()
             except asyncio.CancelledError:
                 raise
-            except Exception as err:  # noqa: BLE001 - the loop must outlive any bug in one step
+            except Exception:  # noqa: BLE001 - the loop must outlive any bug in one step
                 log.exception("batching step failed")
-                error = GenerationError(f"internal scheduler error: {err}")
+                error = GenerationError("internal scheduler error")  # the details: logged above
                 self._fail(self._running, error)
                 self._fail(self._joining, error)
                 await self._best_effort_clear(None)
@@ -526,7 +528,8 @@ class Scheduler:
         self._observer.on_inference_failure(method)
         for batch_id in batch_ids:
             await self._best_effort_clear(batch_id)
-        error = err if isinstance(err, GenerationError) else GenerationError(str(err))
+        # Anything but a GenerationError is not meant for clients: its text is in the log above.
+        error = err if isinstance(err, GenerationError) else GenerationError(SHARD_FAILED)
         self._fail(entries, error)
 
     async def _after_step(
@@ -573,7 +576,8 @@ class Scheduler:
             log.error("filtering batch %d failed: %s", batch.id, err)
             self._healthy = False
             await self._best_effort_clear(batch.id)
-            self._fail(entries, GenerationError(str(err)))
+            self._fail(entries, err if isinstance(err, GenerationError)
+                       else GenerationError(SHARD_FAILED))
             return None
         return batch
 
