@@ -94,7 +94,7 @@ def _completion(body: dict[str, Any]) -> None:
     prompt = body["prompt"]
     if isinstance(prompt, str):
         body["prompt"] = _short(prompt)
-    elif prompt and isinstance(prompt[0], int):
+    elif prompt and isinstance(prompt[0], (int, float)):  # token ids (5.0 is an integer too)
         body["prompt"] = prompt[:16]
     else:
         body["prompt"] = [_short(p) if isinstance(p, str) else p[:16] for p in prompt[:2]]
