@@ -754,3 +754,11 @@ def test_integral_floats_are_integers(app: tuple[TestClient, FakeBackend]) -> No
     body["parameters"]["max_new_tokens"] = 2.5
     answer = client.post("/generate", json=body)
     assert answer.status_code == 422 and answer.json()["error_type"] == "validation"
+
+
+def test_a_top_k_past_u32_is_a_422(app: tuple[TestClient, FakeBackend]) -> None:
+    client, backend = app
+    response = client.post("/generate", json={"inputs": "hello",
+                                              "parameters": {"top_k": 2**40}})
+    assert response.status_code == 422 and "top_k" in response.json()["error"]
+    assert not backend.requests

@@ -686,3 +686,12 @@ def test_logit_bias_key_with_a_non_ascii_digit_is_a_400(tokenizer: RouterTokeniz
     body = {"prompt": "hello", "logit_bias": {"\u00b2": 1.0}}
     answer = client.post("/v1/completions", json=body)
     assert answer.status_code == 400 and answer.json()["error"]["param"] == "logit_bias"
+
+
+def test_a_top_k_past_u32_is_a_400_not_a_500(tokenizer: RouterTokenizer) -> None:
+    # Found by the fuzz run: the shards' u32 could not carry it, and the router answered 500.
+    client, backend = client_for(tokenizer)
+    response = client.post("/v1/completions",
+                           json={"prompt": "hello", "top_k": 381085423189538624, "max_tokens": 2})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "top_k"
+    assert not backend.requests

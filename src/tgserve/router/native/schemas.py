@@ -109,7 +109,8 @@ class GenerateParameters(_Strict):
         description="Penalize new tokens based on their existing frequency in the text so far.",
         examples=[0.1],
     )
-    top_k: int | None = Field(
+    # The shards take a u32 (any k past the vocabulary keeps it all); TGI's own bound is i32.
+    top_k: Annotated[int, Field(le=_U32_MAX)] | None = Field(
         default=None,
         description="The number of highest probability vocabulary tokens to keep for "
         "top-k-filtering.",

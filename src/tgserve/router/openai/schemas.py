@@ -88,7 +88,9 @@ class _Sampling(_Request):
     user: str | None = None
     # Extensions (vLLM, llama.cpp, TGI): documented in docs/openai.md.
     ignore_eos: bool | None = Field(default=None, description="Extension: never stop at EOS.")
-    top_k: Annotated[int, Field(ge=0)] | None = Field(default=None, description="Extension.")
+    top_k: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = Field(
+        default=None, description="Extension."
+    )
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = Field(
         default=None, description="Extension (TGI): multiplicative penalty, 1.0 is off."
     )
