@@ -29,7 +29,7 @@ from tests.integration.server import LaunchedServer
 
 pytestmark = pytest.mark.longrun
 
-EXAMPLES = int(os.environ.get("TGSERVE_FUZZ_EXAMPLES", "8"))  # per operation and mode
+EXAMPLES = int(os.environ.get("TGSERVE_FUZZ_EXAMPLES", "25"))  # per operation and mode
 NEW_TOKENS = 2
 TEXT_CHARS = 48
 MAX_CHOICES = 4  # --max-concurrent-requests
