@@ -16,6 +16,9 @@ from tests.integration.conftest import tiny_server
 from tests.integration.server import LaunchedServer, alive
 from tgserve import uds
 
+# Four 2-shard starts and a restart: a minute and more, in `make test-slow` with the fuzz and soak.
+pytestmark = pytest.mark.longrun
+
 BODY = {"inputs": "w5 w17 w300 w42", "parameters": {"max_new_tokens": 12}}
 
 
