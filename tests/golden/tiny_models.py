@@ -8,11 +8,13 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    GemmaConfig,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 VOCAB = 512
@@ -43,10 +45,18 @@ def _config(arch: str):  # type: ignore[no-untyped-def]
         return MistralConfig(sliding_window=24, **llama_like)
     if arch == "qwen2":
         return Qwen2Config(**llama_like)
+    # Both with a head_dim other than hidden / heads, as the released checkpoints have.
+    if arch == "qwen3":
+        return Qwen3Config(**{**llama_like, "head_dim": 32})
+    if arch == "gemma":  # tied, as released
+        return GemmaConfig(**{**llama_like, "head_dim": 32, "tie_word_embeddings": True})
     raise ValueError(arch)
 
 
-ARCHS = ["llama", "llama-tied", "mistral", "qwen2", "gpt2"]
+ARCHS = ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "gemma", "gpt2"]
+# transformers initialises norm weights to a constant (1, or Gemma's 0 for 1 + w), under which a
+# norm applied to the wrong tensor or without its offset can go unseen; these get random ones.
+RANDOM_NORMS = {"qwen3", "gemma"}
 
 
 def build(arch: str, folder: Path, seed: int = 0):  # type: ignore[no-untyped-def]
@@ -56,6 +66,11 @@ def build(arch: str, folder: Path, seed: int = 0):  # type: ignore[no-untyped-de
     # A wider init spreads the logits so float32 rounding never decides a greedy tie.
     config.initializer_range = 0.2
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    if arch in RANDOM_NORMS:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "norm" in name:
+                    param.add_(torch.randn_like(param) * 0.2)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     model.save_pretrained(folder)

@@ -15,6 +15,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Statistics in float32 whatever the serving dtype, as the reference implementations do.
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight.dtype != x.dtype:
+        # A float32 weight on a half-precision model (Gemma's 1 + w, layers/norm.py): Gemma's
+        # reference scales in float32 and rounds the product, where Llama's rounds before scaling.
+        return (weight * xf).to(x.dtype)
     return weight * xf.to(x.dtype)
 
 

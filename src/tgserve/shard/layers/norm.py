@@ -35,8 +35,16 @@ class LayerNorm:
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
-def load_rms_norm(weights: Weights, prefix: str, eps: float, kernels: KernelOps) -> RMSNorm:
-    return RMSNorm(weights.get_tensor(f"{prefix}.weight"), eps, kernels)
+def load_rms_norm(
+    weights: Weights, prefix: str, eps: float, kernels: KernelOps, offset: float = 0.0
+) -> RMSNorm:
+    """`offset`: the checkpoint holds the scale less `offset` (Gemma stores w and scales by 1 + w).
+    The sum is taken once here, in float32 as the reference does, and kept in float32: the ops then
+    round the product to the serving dtype, not the normed input (kernels.torch_ops.rms_norm)."""
+    weight = weights.get_tensor(f"{prefix}.weight")
+    if offset:
+        weight = weight.float() + offset
+    return RMSNorm(weight, eps, kernels)
 
 
 def load_layer_norm(weights: Weights, prefix: str, eps: float) -> LayerNorm:

@@ -28,6 +28,14 @@ class LlamaVariant:
     o_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None
+    # Per-head RMSNorm of q and k (over head_dim, one weight shared by the heads) before RoPE.
+    qk_norm: bool = False
+    # Every RMSNorm scales by (norm_offset + weight): Gemma's checkpoints store the scale less 1.
+    norm_offset: float = 0.0
+    # Token embeddings multiplied by sqrt(hidden_size), rounded to the model's dtype first.
+    scale_embeddings: bool = False
+    # The gated MLP's activation; None: the config's hidden_act.
+    act: str | None = None
 
 
 @dataclass
@@ -38,6 +46,8 @@ class LlamaAttention:
     layer: int
     window: int | None
     kernels: KernelOps
+    q_norm: RMSNorm | None = None  # with k_norm: LlamaVariant.qk_norm
+    k_norm: RMSNorm | None = None
 
     def __call__(
         self,
@@ -49,9 +59,12 @@ class LlamaAttention:
     ) -> torch.Tensor:
         d = self.dims
         keys, values = kv_cache.keys[self.layer], kv_cache.values[self.layer]
+        qkv = self.qkv(x)
+        if self.q_norm is not None:
+            qkv = self._norm_qk(qkv)
         # q [T, H, D], k/v [T, Hkv, D]; the C++ ops also write k/v to the cache in the same pass.
         q, k, v, stored = self.kernels.rotary_qkv(
-            self.qkv(x), cos, sin, keys, values, meta.slots, d.num_heads, d.num_kv_heads,
+            qkv, cos, sin, keys, values, meta.slots, d.num_heads, d.num_kv_heads,
             d.head_dim,
         )  # fmt: skip
         o = paged_attention(
@@ -59,6 +72,19 @@ class LlamaAttention:
             kv_stored=stored,
         )  # fmt: skip
         return self.o(o.reshape(-1, d.q_size))
+
+    def _norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
+        """RMSNorm of each q and k head of the fused projection, written back in place."""
+        assert self.q_norm is not None and self.k_norm is not None
+        d = self.dims
+        h, hkv, dim = d.num_heads, d.num_kv_heads, d.head_dim
+        heads = qkv.view(-1, h + 2 * hkv, dim)
+        # Rows of one head each, contiguous, so the norm runs as one [T·H, D] op.
+        q = self.q_norm(heads[:, :h].reshape(-1, dim))
+        k = self.k_norm(heads[:, h : h + hkv].reshape(-1, dim))
+        heads[:, :h] = q.view(-1, h, dim)
+        heads[:, h : h + hkv] = k.view(-1, hkv, dim)
+        return qkv
 
 
 @dataclass
@@ -75,9 +101,11 @@ class LlamaLayer:
 
     def __post_init__(self) -> None:
         a, m = self.attention, self.mlp
+        # The one-op layer has no q/k norm: a layer with one runs op by op.
         self.fused_decode = (
             a.o.world_size == m.down.world_size == 1
             and m.act is F.silu
+            and a.q_norm is None
             and self.input_norm.eps == self.post_norm.eps
         )
 
@@ -138,13 +166,20 @@ class LlamaForCausalLM(CausalLM):
     def __init__(self, config: PretrainedConfig, weights: Weights, kernels: KernelOps) -> None:
         super().__init__(config, weights, kernels)
         variant = self.variant_for(config)
+        self.variant = variant
         eps = config.rms_norm_eps
         self.embed: Embedding = load_embedding(weights, "model.embed_tokens.weight")
+        # A 0-d tensor in the model's dtype: the reference rounds sqrt(hidden) to it first.
+        self.embed_scale: torch.Tensor | None = None
+        if variant.scale_embeddings:
+            self.embed_scale = torch.tensor(
+                config.hidden_size**0.5, dtype=weights.dtype, device=weights.device
+            )
         self.rotary = RotaryEmbedding.from_config(config, self.dims.head_dim, weights.device)
         self.layers = [
             self._load_layer(weights, i, variant, eps) for i in range(self.dims.num_layers)
         ]
-        self.norm = load_rms_norm(weights, "model.norm", eps, kernels)
+        self.norm = load_rms_norm(weights, "model.norm", eps, kernels, variant.norm_offset)
         self.lm_head: LMHead = load_lm_head(
             weights, "lm_head.weight", "model.embed_tokens.weight", kernels, self.embed
         )
@@ -164,13 +199,16 @@ class LlamaForCausalLM(CausalLM):
         )
         o = load_row(weights, f"{p}.self_attn.o_proj", variant.o_bias, kernels)
         attn = LlamaAttention(qkv, o, self.dims, i, variant.sliding_window, kernels)
-        mlp = load_gated_mlp(
-            weights, f"{p}.mlp", self.config.hidden_act, kernels, bias=variant.mlp_bias
-        )
+        if variant.qk_norm:
+            attn.q_norm = load_rms_norm(weights, f"{p}.self_attn.q_norm", eps, kernels)
+            attn.k_norm = load_rms_norm(weights, f"{p}.self_attn.k_norm", eps, kernels)
+        act = variant.act or self.config.hidden_act
+        mlp = load_gated_mlp(weights, f"{p}.mlp", act, kernels, bias=variant.mlp_bias)
+        offset = variant.norm_offset
         return LlamaLayer(
-            load_rms_norm(weights, f"{p}.input_layernorm", eps, kernels),
+            load_rms_norm(weights, f"{p}.input_layernorm", eps, kernels, offset),
             attn,
-            load_rms_norm(weights, f"{p}.post_attention_layernorm", eps, kernels),
+            load_rms_norm(weights, f"{p}.post_attention_layernorm", eps, kernels, offset),
             mlp,
             kernels,
         )
@@ -184,6 +222,8 @@ class LlamaForCausalLM(CausalLM):
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         hidden = self.embed(input_ids)
+        if self.embed_scale is not None:
+            hidden = hidden * self.embed_scale
         cos, sin = self.rotary.cos_sin(positions, hidden.dtype)
         residual: torch.Tensor | None = None
         last = len(self.layers) - 1

@@ -7,19 +7,19 @@ from transformers import PretrainedConfig
 from tgserve.shard.models.llama import LlamaForCausalLM, LlamaVariant
 
 
-def _window(config: PretrainedConfig) -> int | None:
+def window(config: PretrainedConfig) -> int | None:
     if not getattr(config, "use_sliding_window", False):
         return None
     # Qwen2 windows only the layers from max_window_layers on; a uniform window is all we support.
     if getattr(config, "max_window_layers", 0) not in (0, None):
-        raise ValueError("Qwen2 with per-layer sliding windows is not supported")
+        raise ValueError(f"{config.model_type} with per-layer sliding windows is not supported")
     return getattr(config, "sliding_window", None)
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     def variant_for(self, config: PretrainedConfig) -> LlamaVariant:
-        return LlamaVariant(qkv_bias=True, sliding_window=_window(config))
+        return LlamaVariant(qkv_bias=True, sliding_window=window(config))
 
     @property
-    def sliding_window(self) -> int | None:
-        return _window(self.config)
+    def slidingwindow(self) -> int | None:
+        return window(self.config)
