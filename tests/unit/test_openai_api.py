@@ -695,3 +695,13 @@ def test_a_top_k_past_u32_is_a_400_not_a_500(tokenizer: RouterTokenizer) -> None
                            json={"prompt": "hello", "top_k": 381085423189538624, "max_tokens": 2})
     assert response.status_code == 400 and response.json()["error"]["param"] == "top_k"
     assert not backend.requests
+
+
+def test_the_tokenize_bodies_state_the_exact_seed_bound(tokenizer: RouterTokenizer) -> None:
+    # Found by the fuzz run: a float bound of 2**64 let a schema-valid seed of 2**64 + 384 through.
+    client, _ = client_for(tokenizer)
+    schemas = client.get("/api-doc/openapi.json").json()["components"]["schemas"]
+    for name in ("ChatTokenizeRequest", "TokenizeParameters"):
+        seed = schemas[name]["properties"]["seed"]
+        bound = next(b for b in seed.get("anyOf", [seed]) if b.get("type") == "integer")
+        assert bound["maximum"] == 2**64 - 1 and isinstance(bound["maximum"], int)

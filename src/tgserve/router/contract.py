@@ -270,6 +270,9 @@ def refine(
         "#/components/schemas/GenerateParameters": "#/components/schemas/TokenizeParameters",
     })
     _copy_component(schemas, "ChatCompletionRequest", "ChatTokenizeRequest", {})
+    # The pydantic bounds they keep still apply; pydantic writes the u64 one as a float.
+    for loose in ("TokenizeParameters", "ChatTokenizeRequest"):
+        _narrow(schemas[loose], "seed", maximum=_U64_MAX)
     _openai_rules(schemas, caps, vocab_size, fim)
     _native_rules(schemas, caps)
     _responses(spec["paths"], protected)
