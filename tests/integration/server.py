@@ -97,3 +97,11 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def assert_no_orphans(children: list[int], within: float = 5.0) -> None:
+    """Every one of `children` (PIDs) exits within `within` seconds of its launcher."""
+    deadline = time.monotonic() + within
+    while any(alive(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(c) for c in children), "orphaned child processes"

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 
 from tests.integration.conftest import tiny_server
-from tests.integration.server import alive
+from tests.integration.server import alive, assert_no_orphans
 
 
 def _shard_pid(server) -> int:  # type: ignore[no-untyped-def]
@@ -37,10 +37,7 @@ def test_killed_shard_stops_everything_within_10s(tiny_model_dir) -> None:  # ty
         assert time.monotonic() - killed_at < 10
         assert code != 0
         assert "shard-0 exited" in server.log()
-        deadline = time.monotonic() + 5
-        while any(alive(c) for c in children) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(alive(c) for c in children), "orphaned child processes"
+        assert_no_orphans(children)
     finally:
         server.stop()
 

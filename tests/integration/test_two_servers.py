@@ -13,7 +13,7 @@ import pytest
 
 from tests.golden.tiny_models import build
 from tests.integration.conftest import tiny_server
-from tests.integration.server import LaunchedServer, alive
+from tests.integration.server import LaunchedServer, assert_no_orphans
 from tgserve import uds
 
 # Four 2-shard starts and a restart: a minute and more, in `make test-slow` with the fuzz and soak.
@@ -110,9 +110,6 @@ def test_a_removed_shard_socket_stops_its_launcher(tiny_model_dir: Path) -> None
         assert time.monotonic() - removed_at < 5
         assert code == 1
         assert f"shard-0's socket {socket_path} was removed" in server.log()
-        deadline = time.monotonic() + 5
-        while any(alive(c) for c in children) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(alive(c) for c in children), "orphaned child processes"
+        assert_no_orphans(children)
     finally:
         server.stop()
